@@ -1,0 +1,112 @@
+"""Checkpoints: written atomically, loaded with weights_only=True, resumed automatically from output_dir.
+
+`last.pt` is a plain dict: the state dicts passed to `save` by name (`model`, `teacher`, `optimizer`, `scaler`,
+`loss_state`...), plus `epoch` (the next epoch to run), `step`, `config` and `format`. A file that cannot be read
+is an error that names it; it is never overwritten silently.
+"""
+import os
+
+import torch
+
+from common.config import ConfigError
+
+FORMAT = 1
+
+
+def save(path, epoch, step, config, **states):
+    """Atomically write `path`: save to path.tmp, fsync, then rename (a crash leaves the old file intact).
+    `states` maps names to objects with state_dict() or to plain values. Call on rank 0 only."""
+    blob = {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in states.items()}
+    blob.update(epoch=epoch, step=step, config=config, format=FORMAT)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path):
+    """Read a checkpoint (CPU tensors, weights_only). Raises ConfigError for a missing, corrupt or foreign file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated, corrupt or not a "
+                          f"checkpoint of this repository; move it away to start fresh") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a format-{FORMAT} checkpoint of this repository")
+    return blob
+
+
+def resume_path(output_dir, resume):
+    """`--resume PATH` if given, else output_dir/last.pt if it exists (auto-resume), else None."""
+    if resume:
+        return resume
+    path = os.path.join(output_dir, "last.pt")
+    return path if os.path.exists(path) else None
+
+
+def restore(path, config, **objects):
+    """Load `path` into `objects` (name -> module/optimizer/scaler, strict). Returns (epoch, step, changed), where
+    `changed` maps config keys that differ from the checkpoint's to (old, new) so the caller can log them.
+    Refuses (ConfigError) when a state does not fit, naming the keys that changed."""
+    blob = load(path)
+    changed = {k: (v, config[k]) for k, v in blob["config"].items() if k in config and config[k] != v
+               and k not in ("resume", "epochs", "output_dir", "eval_every", "num_workers", "device")}
+    for name, obj in objects.items():
+        if name not in blob:
+            raise ConfigError(f"checkpoint {path} has no '{name}' state; it was written by another script")
+        try:
+            obj.load_state_dict(blob[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()) or str(e).splitlines()[0][:200]
+            raise ConfigError(f"checkpoint {path} does not fit this run ({name}: {detail}); use a new "
+                              f"--output_dir or the checkpoint's settings") from None
+    return blob["epoch"], blob["step"], changed
+
+
+def backbone_state(blob, which="model"):
+    """The backbone's state dict from a checkpoint blob (keys `backbone.*` of `model` or `teacher`, prefix removed),
+    ready for torchvision's ResNets or timm's ViT. A plain state dict (an exported backbone.pt) passes through."""
+    if "format" not in blob:
+        return blob
+    if which not in blob:
+        raise ConfigError(f"the checkpoint has no '{which}' weights (it holds {sorted(k for k in blob if k in ('model', 'teacher'))})")
+    state = {k[len("backbone."):]: v for k, v in blob[which].items() if k.startswith("backbone.")}
+    if not state:
+        raise ConfigError(f"the checkpoint's '{which}' has no backbone.* weights")
+    return state
+
+
+def load_backbone(path, which="model"):
+    """Rebuild the backbone a training script saved in `path` and load its weights. Returns (backbone, config)."""
+    from common import data, models  # local: this module stays importable without the model zoo
+    blob = load(path)
+    cfg = blob["config"]
+    backbone = models.build_model(cfg["arch"], image_size=cfg["image_size"] or data.DEFAULT_IMAGE_SIZE[cfg["dataset"]],
+                                  patch_size=cfg.get("patch_size", 16), num_heads=cfg.get("num_heads") or None)
+    try:
+        backbone.load_state_dict(backbone_state(blob, which))
+    except RuntimeError as e:
+        raise ConfigError(f"the backbone weights in {path} do not fit {cfg['arch']}: {str(e).splitlines()[0]}") from None
+    return backbone, cfg
+
+
+def save_epoch(ctx, output_dir, epoch, step, config, save_every=0, **states):
+    """End-of-epoch checkpoint: rank 0 writes last.pt atomically (and epoch_XXXX.pt every `save_every` epochs),
+    then every rank waits. `epoch` is the number of finished epochs, i.e. the epoch a resume starts at."""
+    if ctx.is_main:
+        save(os.path.join(output_dir, "last.pt"), epoch, step, config, **states)
+        if save_every and epoch % save_every == 0:
+            save(os.path.join(output_dir, f"epoch_{epoch:04d}.pt"), epoch, step, config, **states)
+    torch.distributed.barrier()
+
+
+def export_backbone(ctx, output_dir, backbone):
+    """Write backbone.pt: the bare backbone state dict (torchvision / timm key names), atomically, on rank 0."""
+    if ctx.is_main:
+        tmp = os.path.join(output_dir, "backbone.pt.tmp")
+        torch.save(backbone.state_dict(), tmp)
+        os.replace(tmp, os.path.join(output_dir, "backbone.pt"))

@@ -1,0 +1,198 @@
+"""Datasets and loaders: cifar10, cifar100, stl10, imagenet, imagefolder (data_dir/train + data_dir/val), fake.
+
+The small sets are downloaded through torchvision (`--download true`; rank 0 downloads while the others wait) and
+read into memory as uint8 tensors (`ArrayDataset`); folders go through torchvision's ImageFolder. A missing
+dataset is an error that says where we looked and how to get the data.
+"""
+import os
+import pickle
+import random
+
+import torch
+import torch.distributed as tdist
+import torchvision.datasets as D
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common.config import ConfigError
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagefolder", "fake")
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "imagefolder": 224, "fake": 32}
+FAKE_SIZES = {"train": 1024, "val": 256}  # `fake`: random images, 10 classes, for smoke runs and benchmarks
+
+
+def image_size(cfg):
+    """The crop size: `cfg.image_size`, or the dataset's native size when it is 0."""
+    return cfg.image_size or DEFAULT_IMAGE_SIZE[cfg.dataset]
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{name}'; choose one of {list(DATASETS)}")
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as a uint8 tensor (N, H, W, 3) with integer labels (-1 = unlabeled). Items are
+    (transform(PIL image), label); `images` is also what a batched on-device augmentation would read."""
+
+    def __init__(self, images, labels, transform=None, classes=None):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = classes or sorted({int(y) for y in labels.tolist() if y >= 0})
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = Image.fromarray(self.images[i].numpy())
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+def _download(name, root, folder):
+    """Rank 0 fetches the archive with torchvision (which checks its md5) while the other ranks wait."""
+    if tdist.get_rank() == 0 and not os.path.isdir(os.path.join(root, folder)):
+        cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "stl10": D.STL10}[name]
+        try:
+            cls(root, download=True)
+        except Exception as e:  # no network, disk full, ...: one clear line instead of a traceback
+            raise ConfigError(f"downloading {name} into {root} failed ({type(e).__name__}: {e}); "
+                              f"download it by hand into {os.path.join(root, folder)}") from None
+    tdist.barrier()
+
+
+def _read_cifar(path, files, label_key):
+    images, labels = [], []
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32).permute(0, 2, 3, 1))
+        labels.append(torch.as_tensor(batch[label_key]))
+    return torch.cat(images).contiguous(), torch.cat(labels)
+
+
+def _small_set(name, root, split, transform, download):
+    """CIFAR-10/100 (pickled batches) or STL-10 (binary files), read into memory. split: pretrain, train or val."""
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
+    if download:
+        _download(name, root, folder)
+    path = os.path.join(root, folder)
+    try:
+        if name == "cifar10":
+            files = [f"data_batch_{i}" for i in range(1, 6)] if split != "val" else ["test_batch"]
+            images, labels = _read_cifar(path, files, b"labels")
+        elif name == "cifar100":
+            images, labels = _read_cifar(path, ["train" if split != "val" else "test"], b"fine_labels")
+        else:
+            parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "val": ["test"]}[split]
+            sets = [D.STL10(root, split=p) for p in parts]
+            images = torch.cat([torch.as_tensor(s.data).permute(0, 2, 3, 1) for s in sets]).contiguous()
+            labels = torch.cat([torch.as_tensor(s.labels, dtype=torch.int64) for s in sets])
+    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError):
+        raise ConfigError(f"{name} not found: looked for {os.path.abspath(path)}; pass --download true to fetch it "
+                          f"with torchvision, or point --data_dir at the folder that contains {folder}") from None
+    return ArrayDataset(images, labels.long(), transform)
+
+
+class ClassSubsetFolder(D.ImageFolder):
+    """An ImageFolder restricted to the classes listed in a text file, one folder name per line (ImageNet-100)."""
+
+    def __init__(self, root, class_list, transform=None):
+        with open(class_list) as f:
+            self.keep = sorted(line.split()[0] for line in f if line.strip())
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):  # torchvision's documented extension point
+        missing = [c for c in self.keep if not os.path.isdir(os.path.join(directory, c))]
+        if missing:
+            raise ConfigError(f"{len(missing)} classes of the class list are not folders of {directory} "
+                              f"(first: {missing[0]})")
+        return self.keep, {c: i for i, c in enumerate(self.keep)}
+
+
+def _folder_set(root, split, transform, class_list=""):
+    path = os.path.join(root, "val" if split == "val" else "train")
+    if not os.path.isdir(path):
+        raise ConfigError(f"no image folder at {os.path.abspath(path)}: imagenet/imagefolder expect "
+                          f"data_dir/train/<class>/<image> and data_dir/val/<class>/<image> (ImageNet cannot be "
+                          f"downloaded automatically: get ILSVRC-2012 from image-net.org and point --data_dir at it)")
+    if class_list and not os.path.isfile(class_list):
+        raise ConfigError(f"class list {class_list} does not exist")
+    try:
+        return ClassSubsetFolder(path, class_list, transform) if class_list else D.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"cannot read image folder {path}: {e}") from None
+
+
+def fake_set(split, transform=None, size=32):
+    """Random uint8 images with random labels (10 classes), the same on every call; train and val differ."""
+    n = FAKE_SIZES["val" if split == "val" else "train"]
+    g = torch.Generator().manual_seed(1 if split == "val" else 0)
+    images = torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
+    return ArrayDataset(images, torch.randint(0, 10, (n,), generator=g), transform, classes=list(range(10)))
+
+
+def build_dataset(name, root, split, transform, download=False, class_list=""):
+    """split: 'pretrain' (unlabeled training images: STL-10 adds its 100k unlabeled set), 'train' (labeled
+    training images, for k-NN and linear evaluation) or 'val'. class_list: imagefolder/imagenet class subset."""
+    _check_name(name)
+    if name == "fake":
+        return fake_set(split, transform)
+    if name in ("imagenet", "imagefolder"):
+        return _folder_set(root, split, transform, class_list)
+    return _small_set(name, root, split, transform, download)
+
+
+def num_classes(dataset):
+    """Number of classes of a labeled dataset built by build_dataset."""
+    return len(dataset.classes)
+
+
+class Indexed(Dataset):
+    """Wraps a dataset so that items are (x, y, index): evaluation gathers features by sample index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def _workers(n):
+    """At most one worker per available core: more only adds start-up time and torch's oversubscription warning."""
+    return min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def train_loader(dataset, batch_size_per_rank, ctx, num_workers, seed):
+    """Shuffled, each rank its own part, incomplete batches dropped. Call `loader.sampler.set_epoch(e)` per epoch."""
+    if len(dataset) < batch_size_per_rank * ctx.world_size:
+        raise ConfigError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                          f"({batch_size_per_rank * ctx.world_size}); lower --batch_size")
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    # No persistent workers: they would keep the first epoch's RNG seed and break bit-exact resume.
+    return DataLoader(dataset, batch_size=batch_size_per_rank, sampler=sampler, num_workers=_workers(num_workers),
+                      pin_memory=ctx.device.type == "cuda", drop_last=True)
+
+
+def eval_loader(dataset, batch_size, ctx, num_workers):
+    """Rank r sees samples r, r+W, r+2W, ... in order, without padding, so gathered counts are exact.
+    Items are (x, y, index)."""
+    shard = torch.utils.data.Subset(Indexed(dataset), range(ctx.rank, len(dataset), ctx.world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=_workers(num_workers),
+                      pin_memory=ctx.device.type == "cuda")
+
+
+def seed_epoch(loader, seed, epoch, rank):
+    """Reseed torch and `random` with seed + 1000*epoch + rank and set the sampler's epoch. Every rank gets its own
+    augmentation stream, and a run resumed at an epoch boundary is bit-exact without storing RNG state."""
+    torch.manual_seed(seed + 1000 * epoch + rank)
+    random.seed(seed + 1000 * epoch + rank)
+    loader.sampler.set_epoch(epoch)
+
+
+def steps_per_epoch(loader, max_steps):
+    """Optimizer steps per epoch: the loader's length, capped by max_steps_per_epoch (0 = no cap)."""
+    return min(len(loader), max_steps) if max_steps > 0 else len(loader)

@@ -1,0 +1,124 @@
+"""Logging: print0 (rank 0 only, explicit), device-side meters, log.jsonl rows, and the training progress line.
+
+Nothing here syncs the GPU every step: meters accumulate on the device and are read every `log_every` steps,
+which is also when a non-finite loss is reported (with the exact step at which it first appeared).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from common import config
+
+
+def is_main():
+    return not tdist.is_initialized() or tdist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def git_sha():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=sys.path[0] or None)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_jsonl(path, row):
+    """Append one JSON object as a line (rank 0 only)."""
+    if is_main():
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Meter:
+    """Running average of a scalar tensor, kept on its device. Also records the first step whose value was not
+    finite, so the check costs no GPU sync per step (`check` syncs once)."""
+
+    def __init__(self):
+        self.total, self.count, self.first_bad = 0.0, 0, None
+
+    def update(self, value, step, n=1):
+        value = value.detach().float()
+        self.total = self.total + value * n
+        self.count += n
+        bad = torch.where(torch.isfinite(value), -1, step)
+        self.first_bad = bad if self.first_bad is None else torch.where(self.first_bad >= 0, self.first_bad, bad)
+
+    def check(self, name="loss"):
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            raise FloatingPointError(f"{name} is not finite at step {int(self.first_bad)}; lower the learning rate, "
+                                     f"try --amp none, or resume from the last good last.pt")
+
+    @property
+    def avg(self):
+        return float(self.total) / max(1, self.count)
+
+    def global_avg(self):
+        """The average over all ranks' samples."""
+        t = torch.stack([torch.as_tensor(self.total, dtype=torch.float64).cpu(),
+                         torch.tensor(float(self.count), dtype=torch.float64)])
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            t = t.to("cuda" if tdist.get_backend() == "nccl" else "cpu")
+            tdist.all_reduce(t)
+        return float(t[0] / t[1].clamp(min=1))
+
+
+class Progress:
+    """Iterates over a loader for one epoch (stopping after `max_steps` if > 0), measures the time spent waiting
+    for data, and shows a tqdm bar on a terminal or prints one line every `log_every` steps otherwise (rank 0).
+    `batch_size` is the global batch, so img/s counts all ranks."""
+
+    def __init__(self, loader, epoch, max_steps, log_every, batch_size):
+        self.loader, self.epoch, self.log_every, self.batch_size = loader, epoch, log_every, batch_size
+        self.total = min(len(loader), max_steps) if max_steps > 0 else len(loader)
+        self.bar = tqdm(total=self.total, desc=f"epoch {epoch}", dynamic_ncols=True,
+                        disable=not (is_main() and sys.stderr.isatty()))
+        self.data_time = 0.0
+        self.start = self.window_start = time.perf_counter()
+        self.img_per_s = 0.0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for i in range(self.total):
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.data_time += time.perf_counter() - t0
+            yield batch
+            self.bar.update(1)
+        self.bar.close()
+        self.img_per_s = self.total * self.batch_size / max(1e-9, time.perf_counter() - self.start)
+
+    def log(self, i, step, meter, **fields):
+        """Call once per step with the step index in the epoch; prints every log_every steps (and checks the loss)."""
+        if (i + 1) % self.log_every and i + 1 != self.total:
+            return
+        meter.check()
+        elapsed = time.perf_counter() - self.start
+        row = {"loss": f"{meter.avg:.4f}", **{k: f"{v:.4g}" for k, v in fields.items()},
+               "img/s": f"{(i + 1) * self.batch_size / elapsed:.0f}", "data": f"{self.data_time / elapsed:.0%}"}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            row["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+        if self.bar.disable:
+            print0(f"epoch {self.epoch} [{i + 1}/{self.total}] step {step} " + " ".join(f"{k} {v}" for k, v in row.items()))
+        else:
+            self.bar.set_postfix(row, refresh=False)
+
+
+def start(cfg, ctx):
+    """Create output_dir, print the git sha, world and resolved config, and write output_dir/config.yaml."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    print0(f"git {git_sha()} | {ctx.world_size} rank(s) on {ctx.device}")
+    print0("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict(cfg).items()))
+    if ctx.is_main:
+        config.write_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))

@@ -1,0 +1,94 @@
+"""Backbones and MLP heads. `build_model(name, **kw)` is the single entry point for backbones.
+
+Every backbone is headless and has `.embed_dim`. ResNets are torchvision's own classes, so their state dicts load
+into `torchvision.models.resnet18/50()` (only `fc.*` is missing); the CIFAR stem (3x3 stride-1 conv, no max-pool,
+SimCLR App. B.9) changes `conv1`'s shape only. The ViT lives in common/vit.py with timm's parameter names.
+"""
+import torch
+import torch.nn as nn
+import torchvision
+
+from common.config import ConfigError
+from common.vit import VisionTransformer
+
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet without the classifier: `forward` returns the pooled feature (B, embed_dim)."""
+
+    def __init__(self, block, layers, cifar_stem=False, zero_init_residual=False):
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
+        self.embed_dim = self.fc.in_features
+        del self.fc
+
+    def forward_stages(self, x):
+        """The four stage outputs [(B, C_i, H_i, W_i)] (SDSSL's ResNet variant pools each of them)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
+
+    def forward(self, x):
+        return torch.flatten(self.avgpool(self.forward_stages(x)[-1]), 1)
+
+
+BasicBlock, Bottleneck = torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck
+BACKBONES = {
+    "resnet18": dict(family="resnet", block=BasicBlock, layers=[2, 2, 2, 2]),
+    "resnet50": dict(family="resnet", block=Bottleneck, layers=[3, 4, 6, 3]),
+    # vit_debug is a 2-block, 32-d ViT for smoke tests and CPU debugging, not for training.
+    "vit_debug": dict(family="vit", embed_dim=32, depth=2, num_heads=2),
+    "vit_tiny": dict(family="vit", embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(family="vit", embed_dim=384, depth=12, num_heads=12),  # 12 heads: MoCo v3 (DeiT uses 6)
+    "vit_base": dict(family="vit", embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def build_model(name, image_size=224, patch_size=16, cifar_stem=None, zero_init_residual=False,
+                stop_grad_patch_embed=False, num_heads=None):
+    """A headless backbone by name. ResNets use the CIFAR stem by default at image_size <= 32 (as SimCLR's code
+    does); ViT options: patch_size, stop_grad_patch_embed (MoCo v3), num_heads (None = the table above)."""
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown arch '{name}'; choose one of {sorted(BACKBONES)}")
+    spec = dict(BACKBONES[name])
+    if spec.pop("family") == "resnet":
+        return ResNet(spec["block"], spec["layers"], cifar_stem=image_size <= 32 if cifar_stem is None else cifar_stem,
+                      zero_init_residual=zero_init_residual)
+    if num_heads:
+        spec["num_heads"] = num_heads
+    if image_size % patch_size:
+        raise ConfigError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    return VisionTransformer(img_size=image_size, patch_size=patch_size,
+                             stop_grad_patch_embed=stop_grad_patch_embed, **spec)
+
+
+def is_vit(name):
+    return BACKBONES.get(name, {}).get("family") == "vit"
+
+
+def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False):
+    """The one MLP head builder (projectors and predictors of every script).
+
+    Hidden layers: Linear (no bias: the norm that follows has one) -> BN or LN -> ReLU. Last layer: Linear, then
+    an affine-free BN/LN when `last_norm` (SimCLR, MoCo v3, SimSiam projectors). `last_bias` only matters without
+    a last norm (SimSiam's predictor has a bias; MoCo v3's does not). num_layers=1 is a single Linear.
+    """
+    norm_layer = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
+    layers, dim = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=False), norm_layer(hidden_dim), nn.ReLU(inplace=True)]
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_norm))
+    if last_norm:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False) if norm == "bn"
+                      else nn.LayerNorm(out_dim, elementwise_affine=False))
+    return nn.Sequential(*layers)
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

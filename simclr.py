@@ -1,0 +1,204 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations (Chen et al. 2020, arXiv:2002.05709).
+
+Two augmented views of every image go through the same backbone f and projection head g; the NT-Xent loss
+(Eq. 1) pulls the two projections of an image together and pushes away the other 2N-2 projections of the
+global batch (gathered from every GPU, with gradient). The backbone is kept, the head thrown away.
+
+Reproduces
+- CIFAR-10 (default; `configs/simclr/cifar10_resnet18.yaml`): the authors' CIFAR-10 command (App. B.9 and the
+  official README): ResNet-18 with the CIFAR stem, batch 512, 1000 epochs, LARS with lr 1.0 x B/256, wd 1e-4,
+  10 warmup epochs then cosine, tau 0.5, colour strength 0.5, no blur, 2-layer head 512 -> 128.
+- ImageNet ResNet-50 (`imagenet_resnet50.yaml`): Sec. 4 / App. B: batch 4096, LARS lr 0.3 x B/256, wd 1e-6, tau 0.1,
+  2-layer head 2048 -> 128, 100 epochs (the paper also reports 1000).
+- ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's SimCLR baseline (Jang et al., arXiv:2111.12958): BYOL asymmetric
+  augmentations, AdamW base lr 1.3e-4, wd 0.1, 40 warmup epochs, tau 0.2, 3-layer head 4096 -> 256.
+Known deviations
+- The last BN of the head has no affine parameters (the TF code keeps a scale, no shift).
+- LARS applies momentum to the adapted gradient and multiplies by lr afterwards (MoCo v3's PyTorch LARS); the TF
+  version folds lr into the momentum buffer. Identical under a constant lr.
+- k-NN monitor (k = 20 and 200, T = 0.07) instead of the paper's online linear head.
+
+Run
+    python simclr.py                                                     # CIFAR-10, downloads it (1 GPU or CPU)
+    torchrun --standalone --nproc_per_node=8 simclr.py --config configs/simclr/imagenet_resnet50.yaml --data_dir DIR
+    python simclr.py --dataset fake --arch resnet18 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
+from common.config import arg
+from common.log import print0
+from eval.knn import KNNMonitor
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = arg("cifar10", "training images", choices=data.DATASETS)
+    data_dir: str = arg("./data", "dataset root (imagefolder: data_dir/train and data_dir/val)")
+    download: bool = arg(True, "download cifar10/cifar100/stl10 through torchvision if missing")
+    image_size: int = arg(0, "crop size; 0 = the dataset's (32 CIFAR, 96 STL-10, 224 ImageNet)")
+    color_strength: float = arg(0.5, "colour distortion strength s (paper: 1.0 ImageNet, 0.5 CIFAR-10)")
+    blur: bool = arg(False, "Gaussian blur p=0.5 (paper: on for ImageNet, off for CIFAR-10)")
+    aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)", choices=("simclr", "byol"))
+    # model
+    arch: str = arg("resnet18", "backbone (vit_debug is a 2-block ViT for tests)", choices=tuple(models.BACKBONES))
+    patch_size: int = arg(16, "ViT patch size (16 or 32)")
+    num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12, as MoCo v3)")
+    freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (MoCo v3, SDSSL)")
+    proj_hidden_dim: int = arg(512, "projection head hidden width (paper: = backbone width, 2048 for R50)")
+    proj_dim: int = arg(128, "projection output dimension (paper: 128)")
+    proj_layers: int = arg(2, "projection head layers (paper: 2; SDSSL ViT: 3)")
+    sync_bn: bool = arg(True, "SyncBN across GPUs (the paper's global BN); ignored on the CPU")
+    # loss and optimisation
+    temperature: float = arg(0.5, "NT-Xent temperature tau (paper: 0.5 CIFAR-10 B512, 0.1 ImageNet B4096)")
+    optimizer: str = arg("lars", "lars (paper), adamw (ViT) or sgd", choices=("lars", "adamw", "sgd"))
+    lr: float = arg(1.0, "base learning rate per 256 images; the peak lr is lr x batch_size / 256")
+    weight_decay: float = arg(1e-4, "weight decay (paper: 1e-4 CIFAR-10, 1e-6 ImageNet; AdamW ViT: 0.1)")
+    exclude_bias_norm: bool = arg(True, "no weight decay (and no LARS adaptation) for biases and norm parameters")
+    warmup_epochs: int = arg(10, "linear warmup epochs before the cosine decay (paper: 10)")
+    epochs: int = arg(1000, "training epochs (paper CIFAR-10: 1000)")
+    batch_size: int = arg(512, "global batch size over all GPUs (paper CIFAR-10: 512)")
+    amp: str = arg("bf16", "mixed precision on CUDA: none, bf16 or fp16", choices=("none", "bf16", "fp16"))
+    # run
+    output_dir: str = arg("./out/simclr", "where last.pt, log.jsonl, config.yaml and backbone.pt go")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
+    num_workers: int = arg(8, "data-loading workers per GPU")
+    max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
+    eval_every: int = arg(10, "k-NN monitor every this many epochs (and after the last); 0 = off")
+    log_every: int = arg(50, "print a progress line every this many steps")
+    save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
+    config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
+    resume: str = arg("", "checkpoint to resume from; default: output_dir/last.pt if it exists")
+
+
+# ===================================== method: model, views and NT-Xent loss =====================================
+
+class SimCLR(nn.Module):
+    """f (backbone) followed by g (projection head). forward(x) -> z."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def simclr_loss(z1, z2, temperature):
+    """NT-Xent (SimCLR Eq. 1), averaged over all 2N anchors of the global batch.
+
+    z1, z2: (n, D) projections of the two views of this rank's n images (any scale; L2-normalised here).
+    Every projection is an anchor; its positive is the other view of the same image and the 2N - 2 other
+    projections of the global batch (gathered from all ranks, with gradient) are its negatives.
+    """
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2n, D): view-1 rows, then view-2 rows
+    z_all = dist.gather_with_grad(z)  # (W*2n, D): rank r's rows at [2n*r, 2n*(r+1))
+    n, offset = z1.shape[0], 2 * z1.shape[0] * torch.distributed.get_rank()
+    logits = z @ z_all.T / temperature  # (2n, W*2n) cosine similarities / tau
+    rows = torch.arange(2 * n, device=z.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, rows + offset] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))  # an anchor is not its own negative
+    positives = (rows + n) % (2 * n) + offset  # row i <-> row i + n: the other view of the same image
+    return F.cross_entropy(logits, positives)
+
+
+def build_views(cfg, size):
+    if cfg.aug == "byol":
+        return augment.TwoViews(*augment.byol_pair(size))
+    return augment.TwoViews(augment.simclr_transform(size, cfg.color_strength, cfg.blur))
+
+
+def build_model(cfg, size):
+    backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
+                                  stop_grad_patch_embed=cfg.freeze_patch_embed)
+    projector = models.mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_norm=True)
+    return SimCLR(backbone, projector)
+
+
+# ================================================== training ==================================================
+
+def train_one_epoch(model_ddp, loader, optimizer, scaler, cfg, ctx, epoch, step, total_steps):
+    model_ddp.train()
+    meter = log.Meter()
+    progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
+    peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Sec. B.1)
+    warmup_steps = cfg.warmup_epochs * progress.total
+    for i, ((x1, x2), _) in enumerate(progress):
+        lr = schedules.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
+        optim.set_lr_wd(optimizer, lr)
+        # Both views in one forward pass, so BN normalises over all 2n images (the paper's global BN).
+        x = torch.cat([x1, x2]).to(ctx.device, non_blocking=True)  # (2n, 3, H, W)
+        with optim.autocast(cfg.amp, ctx.device):
+            z = model_ddp(x)  # (2n, proj_dim)
+        z1, z2 = z.float().chunk(2)  # the loss in float32: bf16/fp16 normalisation and exp are not safe
+        loss = simclr_loss(z1, z2, cfg.temperature)
+        optim.step(loss, optimizer, scaler)
+        meter.update(loss, step)
+        progress.log(i, step, meter, lr=lr)
+        step += 1
+    meter.check()
+    return step, {"loss": meter.global_avg(), "lr": lr, "img_per_s": progress.img_per_s}
+
+
+def main():
+    # ----- config and distributed setup -----
+    cfg = config.parse(Config, description=__doc__.splitlines()[0])
+    ctx = dist.setup(cfg.device)
+    batch_per_rank = dist.per_rank(cfg.batch_size, ctx.world_size)
+    log.start(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+
+    # ----- data -----
+    size = data.image_size(cfg)
+    dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", build_views(cfg, size), cfg.download)
+    loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
+    steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+
+    # ----- model -----
+    model, sync_msg = dist.maybe_sync_bn(build_model(cfg, size).to(ctx.device), cfg.sync_bn, ctx)
+    model_ddp = dist.ddp(model, ctx)
+    print0(f"{sync_msg}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, "
+           f"head {models.count_params(model.projector) / 1e6:.2f}M; {len(dataset)} images, {steps_per_epoch} steps/epoch")
+
+    # ----- optimizer and schedules (lr, wd are set every step in train_one_epoch) -----
+    groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
+    optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0, fused=ctx.device.type == "cuda")
+    scaler = optim.grad_scaler(cfg.amp, ctx.device)
+
+    # ----- resume -----
+    start_epoch, step = 0, 0
+    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
+    if path:
+        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, optimizer=optimizer,
+                                                        scaler=scaler)
+        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+
+    # ----- epoch loop: train, log, evaluate, checkpoint -----
+    for epoch in range(start_epoch, cfg.epochs):
+        data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
+        step, row = train_one_epoch(model_ddp, loader, optimizer, scaler, cfg, ctx, epoch, step,
+                                    cfg.epochs * steps_per_epoch)
+        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            acc = knn.evaluate(model.backbone)
+            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
+        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              model=model, optimizer=optimizer, scaler=scaler)
+
+    # ----- cleanup -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    config.run(main)

@@ -1,0 +1,21 @@
+"""Every shipped YAML config parses against its script's Config (no unknown keys, right types)."""
+import glob
+import importlib
+import os
+
+import pytest
+
+from common import config
+from conftest import ROOT
+
+SCRIPTS = {"simclr": "simclr", "mocov3": "mocov3", "byol": "byol", "simsiam_gsg": "simsiam_gsg", "sdssl": "sdssl",
+           "msbreg": "msbreg", "ifacd_distill": "ifacd_distill"}
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
+def test_config_parses(path):
+    method = os.path.basename(os.path.dirname(path))
+    module = importlib.import_module(SCRIPTS[method])
+    cfg = config.parse(module.Config, ["--config", path])
+    assert cfg.config == path

@@ -1,0 +1,81 @@
+"""Two gloo ranks in spawned processes against one process on the whole batch."""
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from common import data, dist, log
+from common.config import ConfigError
+from eval.knn import extract
+from simclr import simclr_loss
+
+N, D_IN, D_OUT = 6, 5, 4  # per-rank batch 3 x 2 ranks
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D_IN, generator=g), torch.randn(N, D_IN, generator=g)
+
+
+def make_model():
+    torch.manual_seed(1)
+    return nn.Linear(D_IN, D_OUT)
+
+
+class Points(torch.utils.data.Dataset):
+    """7 labeled 'images' whose feature is their own index: extraction order is easy to check."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), 1.0]), i % 3
+
+
+def _worker(rank, tmp):
+    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    ctx = dist.Context(rank, rank, 2, torch.device("cpu"))
+    x1, x2 = make_batch()
+    part = slice(rank * N // 2, (rank + 1) * N // 2)
+    model = make_model()
+    model_ddp = dist.ddp(model, ctx)
+    loss = simclr_loss(model_ddp(x1[part]), model_ddp(x2[part]), 0.3)
+    loss.backward()
+    meter = log.Meter()
+    for v in ([1.0, 2.0] if rank == 0 else [3.0, 4.0, 5.0]):
+        meter.update(torch.tensor(v), step=0)
+    feats, labels = extract(nn.Identity(), data.eval_loader(Points(), 2, ctx, 0), ctx, unit_norm=False)
+    uneven = dist.gather_uneven(torch.arange(rank + 2))
+    torch.save({"grad": [p.grad for p in model.parameters()], "loss": loss.detach(), "meter": meter.global_avg(),
+                "feats": feats[0], "labels": labels, "uneven": uneven}, f"{tmp}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(process_group, tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    # One process, whole batch: the loss is the mean over all 2N anchors.
+    x1, x2 = make_batch()
+    model = make_model()
+    loss = simclr_loss(model(x1), model(x2), 0.3)
+    loss.backward()
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # DDP averages the ranks' gradients; gather_with_grad sends every rank's gradient back to the owner of each
+        # slice: together that is exactly the full-batch gradient.
+        for ours, full in zip(out["grad"], model.parameters()):
+            torch.testing.assert_close(ours, full.grad, rtol=1e-5, atol=1e-6)
+        assert out["meter"] == 3.0  # (1+2+3+4+5)/5 over both ranks
+        assert out["feats"][:, 0].tolist() == list(range(7)) and out["labels"].tolist() == [i % 3 for i in range(7)]
+        assert out["uneven"].tolist() == [0, 1, 0, 1, 2]
+    # Each rank's loss is the mean over its own anchors; their average is the full-batch loss.
+    mean = sum(torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["loss"] for r in range(2)) / 2
+    torch.testing.assert_close(mean, loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_per_rank_batch_errors():
+    assert dist.per_rank(8, 2) == 4
+    with pytest.raises(ConfigError, match="does not divide across 3 ranks"):
+        dist.per_rank(8, 3)
+    with pytest.raises(ConfigError, match="must be positive"):
+        dist.per_rank(-8, 1)

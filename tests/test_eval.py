@@ -1,0 +1,77 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import dist
+from eval import linear
+from eval.knn import KNNMonitor, knn_classify, select_layers
+
+
+def clusters(n_per_class, classes, dim, seed, spread=0.1):
+    centers = F.normalize(torch.randn(classes, dim, generator=torch.Generator().manual_seed(99)), dim=1) * 3
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centers[y] + spread * torch.randn(len(y), dim, generator=g)
+    return F.normalize(x, dim=1), y
+
+
+def test_knn_on_separable_data():
+    train_f, train_y = clusters(20, 5, 16, seed=0)
+    test_f, test_y = clusters(7, 5, 16, seed=1)
+    correct = knn_classify(train_f, train_y, test_f, test_y, ks=(1, 20, 200), temperature=0.07)
+    assert {k: int(c) for k, c in correct.items()} == {1: 35, 20: 35, 200: 35}  # k=200 > 100 train points is fine
+
+
+def test_knn_chunking_does_not_change_results():
+    train_f, train_y = clusters(10, 4, 8, seed=2, spread=1.0)
+    test_f, test_y = clusters(10, 4, 8, seed=3, spread=1.0)
+    a = knn_classify(train_f, train_y, test_f, test_y, ks=(5,), chunk=1)
+    b = knn_classify(train_f, train_y, test_f, test_y, ks=(5,), chunk=1000)
+    assert int(a[5]) == int(b[5])
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # Two far neighbours of class 0 vs one very close neighbour of class 1: with T small the close one wins.
+    train_f = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), dim=1)
+    train_y = torch.tensor([1, 0, 0])
+    test_f = F.normalize(torch.tensor([[1.0, 0.3]]), dim=1)
+    assert int(knn_classify(train_f, train_y, test_f, torch.tensor([1]), ks=(3,), temperature=0.07)[3]) == 1
+    assert int(knn_classify(train_f, train_y, test_f, torch.tensor([0]), ks=(3,), temperature=100.0)[3]) == 1
+
+
+def test_select_layers():
+    from common.config import ConfigError
+    from common.models import build_model
+    vit = build_model("vit_debug", image_size=32, patch_size=8)
+    assert select_layers(vit, "last") is None and select_layers(vit, "all") == [1, 2] and select_layers(vit, "2") == [2]
+    with pytest.raises(ConfigError, match="block number 1..2"):
+        select_layers(vit, "3")
+    with pytest.raises(ConfigError, match="needs a ViT"):
+        select_layers(build_model("resnet18", image_size=32), "all")
+
+
+def test_knn_monitor_and_linear_probe_on_image_folder(process_group, image_folder):
+    from common.models import build_model
+    torch.manual_seed(0)
+    vit = build_model("vit_debug", image_size=32, patch_size=8)
+    ctx = process_group
+    monitor = KNNMonitor("imagefolder", image_folder, 32, ctx, batch_size=16, num_workers=0)
+    per_layer = monitor.evaluate(vit, ks=(1, 5), layers=[1, 2])
+    assert len(per_layer) == 2 and all(0 <= acc <= 100 for r in per_layer for acc in r.values())
+    cfg = linear.Config(mode="fast", epochs=30, batch_size=16, num_workers=0, lr=0.5)
+    top1 = linear.linear_eval(vit, "imagefolder", image_folder, 32, ctx, cfg, layers=[1, 2])
+    assert len(top1) == 2 and max(top1) >= 50  # 4 classes with distinct mean colours: far above chance (25%)
+    full = linear.linear_eval(vit, "imagefolder", image_folder, 32, ctx,
+                              linear.Config(mode="full", epochs=2, batch_size=8, num_workers=0))
+    assert len(full) == 1
+
+
+def test_linear_eval_detects_a_changed_backbone():
+    model = nn.Linear(2, 2)
+    snap = linear._snapshot(model)
+    linear.assert_unchanged(model, snap)
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    with pytest.raises(AssertionError, match="weight changed"):
+        linear.assert_unchanged(model, snap)
