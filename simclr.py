@@ -46,6 +46,9 @@ class Config:
     color_strength: float = arg(0.5, "colour distortion strength s (paper: 1.0 ImageNet, 0.5 CIFAR-10)")
     blur: bool = arg(False, "Gaussian blur p=0.5 (paper: on for ImageNet, off for CIFAR-10)")
     aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)", choices=("simclr", "byol"))
+    aug_device: str = arg("auto", "where views are made: cpu (torchvision in the loader workers), gpu (batched on the "
+                                  "training device; in-memory datasets), auto (gpu on CUDA when possible)",
+                          choices=("auto", "cpu", "gpu"))
     # model
     arch: str = arg("resnet18", "backbone (vit_debug is a 2-block ViT for tests)", choices=tuple(models.BACKBONES))
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
@@ -65,6 +68,7 @@ class Config:
     epochs: int = arg(1000, "training epochs (paper CIFAR-10: 1000)")
     batch_size: int = arg(512, "global batch size over all GPUs (paper CIFAR-10: 512)")
     amp: str = arg("bf16", "mixed precision on CUDA: none, bf16 or fp16", choices=("none", "bf16", "fp16"))
+    compile: bool = arg(False, "torch.compile the model (and the batched augmentation's hue op)")
     # run
     output_dir: str = arg("./out/simclr", "where last.pt, log.jsonl, config.yaml and backbone.pt go")
     seed: int = arg(0, "random seed")
@@ -110,10 +114,10 @@ def simclr_loss(z1, z2, temperature):
     return F.cross_entropy(logits, positives)
 
 
-def build_views(cfg, size):
+def view_recipes(cfg, size):
     if cfg.aug == "byol":
-        return augment.TwoViews(*augment.byol_pair(size))
-    return augment.TwoViews(augment.simclr_transform(size, cfg.color_strength, cfg.blur))
+        return augment.byol_recipes(size)
+    return [augment.simclr_recipe(size, cfg.color_strength, cfg.blur)]  # both views from the same recipe
 
 
 def build_model(cfg, size):
@@ -125,17 +129,18 @@ def build_model(cfg, size):
 
 # ================================================== training ==================================================
 
-def train_one_epoch(model_ddp, loader, optimizer, scaler, cfg, ctx, epoch, step, total_steps):
+def train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch, step, total_steps):
     model_ddp.train()
     meter = log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Sec. B.1)
     warmup_steps = cfg.warmup_epochs * progress.total
-    for i, ((x1, x2), _) in enumerate(progress):
+    for i, (images, _) in enumerate(progress):
         lr = schedules.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
         optim.set_lr_wd(optimizer, lr)
+        x1, x2 = views(images)  # (n, 3, H, W) each, on the device
         # Both views in one forward pass, so BN normalises over all 2n images (the paper's global BN).
-        x = torch.cat([x1, x2]).to(ctx.device, non_blocking=True)  # (2n, 3, H, W)
+        x = torch.cat([x1, x2])  # (2n, 3, H, W)
         with optim.autocast(cfg.amp, ctx.device):
             z = model_ddp(x)  # (2n, proj_dim)
         z1, z2 = z.float().chunk(2)  # the loss in float32: bf16/fp16 normalisation and exp are not safe
@@ -145,7 +150,7 @@ def train_one_epoch(model_ddp, loader, optimizer, scaler, cfg, ctx, epoch, step,
         progress.log(i, step, meter, lr=lr)
         step += 1
     meter.check()
-    return step, {"loss": meter.global_avg(), "lr": lr, "img_per_s": progress.img_per_s}
+    return step, {"loss": meter.global_avg(), "lr": lr, **progress.stats()}
 
 
 def main():
@@ -158,15 +163,17 @@ def main():
 
     # ----- data -----
     size = data.image_size(cfg)
-    dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", build_views(cfg, size), cfg.download)
+    channels_last = models.use_channels_last(cfg.arch, ctx.device)
+    views = augment.ViewMaker(view_recipes(cfg, size), 2, ctx.device, cfg.aug_device, cfg.dataset, cfg.compile,
+                              channels_last)
+    dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
     knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
 
     # ----- model -----
-    model, sync_msg = dist.maybe_sync_bn(build_model(cfg, size).to(ctx.device), cfg.sync_bn, ctx)
-    model_ddp = dist.ddp(model, ctx)
-    print0(f"{sync_msg}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, "
+    model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)
+    print0(f"{note}; views made {'batched on ' + ctx.device.type if views.batched else 'by torchvision'}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, "
            f"head {models.count_params(model.projector) / 1e6:.2f}M; {len(dataset)} images, {steps_per_epoch} steps/epoch")
 
     # ----- optimizer and schedules (lr, wd are set every step in train_one_epoch) -----
@@ -185,7 +192,7 @@ def main():
     # ----- epoch loop: train, log, evaluate, checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
-        step, row = train_one_epoch(model_ddp, loader, optimizer, scaler, cfg, ctx, epoch, step,
+        step, row = train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch, step,
                                     cfg.epochs * steps_per_epoch)
         if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             acc = knn.evaluate(model.backbone)

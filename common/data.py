@@ -18,7 +18,7 @@ from common.config import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagefolder", "fake")
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "imagefolder": 224, "fake": 32}
-FAKE_SIZES = {"train": 1024, "val": 256}  # `fake`: random images, 10 classes, for smoke runs and benchmarks
+FAKE_SIZES = {"train": 1024, "val": 256, "side": 32}  # `fake`: random images, 10 classes, for smoke runs and bench.py
 
 
 def image_size(cfg):
@@ -33,7 +33,8 @@ def _check_name(name):
 
 class ArrayDataset(Dataset):
     """Images held in memory as a uint8 tensor (N, H, W, 3) with integer labels (-1 = unlabeled). Items are
-    (transform(PIL image), label); `images` is also what a batched on-device augmentation would read."""
+    (transform(PIL image), label), or (uint8 (H, W, 3) tensor, label) without a transform: the batched on-device
+    augmentation (common/batch_augment.py) takes those."""
 
     def __init__(self, images, labels, transform=None, classes=None):
         self.images, self.labels, self.transform = images, labels, transform
@@ -43,8 +44,9 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = Image.fromarray(self.images[i].numpy())
-        return (self.transform(x) if self.transform else x), int(self.labels[i])
+        if self.transform is None:
+            return self.images[i], int(self.labels[i])
+        return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
 
 
 def _download(name, root, folder):
@@ -122,9 +124,9 @@ def _folder_set(root, split, transform, class_list=""):
         raise ConfigError(f"cannot read image folder {path}: {e}") from None
 
 
-def fake_set(split, transform=None, size=32):
+def fake_set(split, transform=None):
     """Random uint8 images with random labels (10 classes), the same on every call; train and val differ."""
-    n = FAKE_SIZES["val" if split == "val" else "train"]
+    n, size = FAKE_SIZES["val" if split == "val" else "train"], FAKE_SIZES["side"]
     g = torch.Generator().manual_seed(1 if split == "val" else 0)
     images = torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
     return ArrayDataset(images, torch.randint(0, 10, (n,), generator=g), transform, classes=list(range(10)))

@@ -127,3 +127,25 @@ def maybe_sync_bn(model, enabled, ctx):
 def ddp(model, ctx):
     """Wrap for training. Forward through the wrapper; EMA, eval and state_dict use the plain `model`."""
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def prepare(model, ctx, sync_bn, compile=False, channels_last=False):
+    """Everything between building a model and training it: to the device (channels_last for conv nets on CUDA),
+    SyncBN (CUDA only), DDP, then torch.compile if asked. Returns (model, model_ddp, message): `model` is the plain
+    module (EMA teachers, evaluation and state_dict use it: keys have no `module.` / `_orig_mod.` prefix) and
+    `model_ddp` is what the training step calls."""
+    model = model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model, message = maybe_sync_bn(model, sync_bn, ctx)
+    model_ddp = ddp(model, ctx)
+    if compile:
+        model_ddp = torch.compile(model_ddp)
+        message += "; torch.compile on (the first steps are slow while it compiles)"
+    return model, model_ddp, message
+
+
+def broadcast_buffers(module, src=0):
+    """Copy rank src's buffers (BN running statistics) to every rank: EMA teachers live outside DDP, so theirs
+    drift apart; evaluate them with one rank's."""
+    if torch.distributed.get_world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, src=src)

@@ -5,6 +5,7 @@ which is also when a non-finite loss is reported (with the exact step at which i
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -74,6 +75,31 @@ class Meter:
         return float(t[0] / t[1].clamp(min=1))
 
 
+def _cuda():
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def reset_peak_memory():
+    """Count peak memory from here on: CUDA's allocator statistics, or on Linux the process's resident-set high-water
+    mark (writing 5 to /proc/self/clear_refs resets it; elsewhere the CPU peak includes everything before)."""
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory():
+    """{'peak_mem_gb': tensors allocated on this GPU} on CUDA, {'peak_rss_gb': the process's peak RSS} on the CPU
+    (which also holds the dataset and torch itself: compare runs with each other, not with GPU figures)."""
+    if _cuda():
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+
+
 class Progress:
     """Iterates over a loader for one epoch (stopping after `max_steps` if > 0), measures the time spent waiting
     for data, and shows a tqdm bar on a terminal or prints one line every `log_every` steps otherwise (rank 0).
@@ -85,7 +111,8 @@ class Progress:
         self.bar = tqdm(total=self.total, desc=f"epoch {epoch}", dynamic_ncols=True,
                         disable=not (is_main() and sys.stderr.isatty()))
         self.data_time = 0.0
-        self.start = self.window_start = time.perf_counter()
+        reset_peak_memory()
+        self.start = time.perf_counter()
         self.img_per_s = 0.0
 
     def __iter__(self):
@@ -97,7 +124,13 @@ class Progress:
             yield batch
             self.bar.update(1)
         self.bar.close()
-        self.img_per_s = self.total * self.batch_size / max(1e-9, time.perf_counter() - self.start)
+        self.elapsed = time.perf_counter() - self.start
+        self.img_per_s = self.total * self.batch_size / max(1e-9, self.elapsed)
+
+    def stats(self):
+        """The epoch's throughput for log.jsonl: images/s over all ranks, the fraction of the time spent waiting for
+        data, and the epoch's peak memory (see peak_memory)."""
+        return {"img_per_s": self.img_per_s, "data_frac": self.data_time / max(1e-9, self.elapsed), **peak_memory()}
 
     def log(self, i, step, meter, **fields):
         """Call once per step with the step index in the epoch; prints every log_every steps (and checks the loss)."""
@@ -107,7 +140,7 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         row = {"loss": f"{meter.avg:.4f}", **{k: f"{v:.4g}" for k, v in fields.items()},
                "img/s": f"{(i + 1) * self.batch_size / elapsed:.0f}", "data": f"{self.data_time / elapsed:.0%}"}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if _cuda():
             row["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
         if self.bar.disable:
             print0(f"epoch {self.epoch} [{i + 1}/{self.total}] step {step} " + " ".join(f"{k} {v}" for k, v in row.items()))

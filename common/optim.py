@@ -25,11 +25,12 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as SimCLR / MoCo v3 / BYOL use it.
 
     For groups without `lars_exclude`: g <- g + wd * w, then g <- g * eta * |w| / |g| (trust ratio; 1 if either
-    norm is 0). Excluded groups (biases, norms) get neither weight decay nor adaptation.
+    norm is 0). Excluded groups (biases, norms) get neither weight decay nor adaptation. `clip` caps the local rate
+    at the global one, trust <- min(trust / lr, 1) (LARC clipping; solo-learn's `clip_lars_lr`, used with eta 0.02).
     """
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip,
                                       lars_exclude=False))
 
     @torch.no_grad()
@@ -43,6 +44,8 @@ class LARS(torch.optim.Optimizer):
                     dp = dp.add(p, alpha=g["weight_decay"])
                     w_norm, g_norm = torch.norm(p), torch.norm(dp)
                     trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm, 1.0)
+                    if g["clip"] and g["lr"] > 0:
+                        trust = torch.clamp(trust / g["lr"], max=1.0)
                     dp = dp.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -51,12 +54,13 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-g["lr"])
 
 
-def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), fused=False):
+def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), fused=False, nesterov=False, lars_eta=0.001,
+                    lars_clip=False):
     """name: lars, sgd or adamw. `lr` is the initial value; the schedule overwrites it every step."""
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta, clip=lars_clip)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     raise ConfigError(f"unknown optimizer '{name}'; choose lars, sgd or adamw")

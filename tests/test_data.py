@@ -12,6 +12,8 @@ def test_cifar_files_are_read_into_memory(process_group, cifar_root):
     assert train.images.dtype == torch.uint8 and data.num_classes(train) <= 10
     x, y = val[3]
     assert x.shape == (3, 32, 32) and 0 <= y < 10
+    raw, _ = train[3]  # without a transform: the uint8 image, for the batched augmentation
+    assert raw.dtype == torch.uint8 and raw.shape == (32, 32, 3)
     c100 = data.build_dataset("cifar100", cifar_root, "pretrain", None)
     assert len(c100) == 40 and int(c100.labels.max()) < 100
 
@@ -48,7 +50,8 @@ def test_train_loader_shards_and_drops_last(process_group):
 
 
 def test_augmentation_recipes_produce_views():
-    img = data.fake_set("train")[0][0]
+    from PIL import Image
+    img = Image.fromarray(data.fake_set("train").images[0].numpy())
     t1, t2 = augment.byol_pair(32)
     v1, v2 = augment.TwoViews(t1, t2)(img)
     assert v1.shape == v2.shape == (3, 32, 32)

@@ -71,3 +71,16 @@ def test_unknown_optimizer():
     from common.config import ConfigError
     with pytest.raises(ConfigError, match="unknown optimizer"):
         optim.build_optimizer("adam", optim.param_groups(nn.Linear(2, 2), 0.0), lr=0.1)
+
+
+def test_lars_clip_caps_the_local_rate_at_the_global_one():
+    w = torch.nn.Parameter(torch.full((4,), 10.0))
+    opt = optim.LARS([dict(params=[w], weight_decay=0.0, lars_exclude=False)], lr=0.1, momentum=0.0, eta=0.02, clip=True)
+    w.grad = torch.full((4,), 0.01)  # trust = 0.02 * 20 / 0.02 = 20 > lr: clipped to trust / lr = 1 -> plain SGD step
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4,), 10.0 - 0.1 * 0.01))
+    w2 = torch.nn.Parameter(torch.full((4,), 10.0))
+    opt2 = optim.LARS([dict(params=[w2], weight_decay=0.0, lars_exclude=False)], lr=0.1, momentum=0.0, eta=0.02)
+    w2.grad = torch.full((4,), 0.01)
+    opt2.step()  # without clipping the update is lr * trust * g = 0.1 * 20 * 0.01
+    torch.testing.assert_close(w2.detach(), torch.full((4,), 10.0 - 0.1 * 20 * 0.01))

@@ -1,0 +1,129 @@
+"""The batched augmentation samples the torchvision recipes' distributions (parameters and outputs), not timing."""
+import math
+
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from common import augment
+from common import batch_augment as B
+
+
+def smooth_images(n, size=32, seed=0):
+    """uint8 (n, size, size, 3) images with structure at several scales, so crops and colours both matter."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False)
+    x = x + 0.15 * torch.rand(n, 3, size, size, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def test_crop_boxes_follow_torchvision_sampling():
+    torch.manual_seed(0)
+    n, H, W, scale = 20000, 32, 48, (0.08, 1.0)
+    boxes = B.crop_boxes(n, H, W, scale)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+    assert torch.equal(w, w.round()) and torch.equal(h, h.round()) and (w >= 1).all() and (h >= 1).all()
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), scale, (3 / 4, 4 / 3)) for _ in range(n)],
+                       dtype=torch.float32)  # (i, j, h, w)
+    pairs = {"area": (w * h / (H * W), ref[:, 2] * ref[:, 3] / (H * W)), "ratio": (w / h, ref[:, 3] / ref[:, 2]),
+             "x": (boxes[:, 0] / W, ref[:, 1] / W), "y": (boxes[:, 1] / H, ref[:, 0] / H)}
+    for name, (ours, theirs) in pairs.items():  # n = 20000: standard errors are about 0.002
+        assert abs(ours.mean() - theirs.mean()) < 0.01 and abs(ours.std() - theirs.std()) < 0.01, name
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    assert torch.allclose(pairs["area"][0].quantile(q), pairs["area"][1].quantile(q), atol=0.02)
+
+
+def test_crop_fallback_matches_torchvision():
+    # A 4 x 64 image: no (area, ratio) attempt can fit, so both fall back to the central crop with ratio 4/3.
+    boxes = B.crop_boxes(5, 4, 64, (0.9, 1.0))
+    i, j, h, w = T.RandomResizedCrop.get_params(torch.zeros(1, 4, 64), (0.9, 1.0), (3 / 4, 4 / 3))
+    assert boxes.tolist() == [[j, i, j + w, i + h]] * 5
+
+
+def test_resized_crops_equal_bilinear_resize():
+    img = torch.rand(1, 3, 32, 32, dtype=torch.float32)
+    up = B.resized_crops(img, torch.tensor([[4.0, 8.0, 20.0, 24.0]]), 32)  # 16x16 crop enlarged: grid_sample
+    ref = TF.resized_crop(img, 8, 4, 16, 16, [32, 32], antialias=False)
+    torch.testing.assert_close(up, ref, atol=1e-5, rtol=0)
+    smooth = smooth_images(1).permute(0, 3, 1, 2).float() / 255  # shrink: roi_align averages, close to antialiasing
+    down = B.resized_crops(smooth, torch.tensor([[0.0, 0.0, 32.0, 32.0]]), 16)
+    assert (down - TF.resize(smooth, [16, 16], antialias=True)).abs().mean() < 0.01
+
+
+def test_hue_matches_torchvision():
+    x = torch.rand(16, 3, 8, 8)
+    x[0] = 0.5  # grey pixels keep hue 0
+    shift = torch.rand(16) - 0.5
+    ref = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(16)])
+    torch.testing.assert_close(B.adjust_hue(x, shift), ref, atol=2e-6, rtol=0)
+
+
+def test_single_jitter_ops_match_torchvision():
+    """With one non-zero strength, the op equals torchvision's on the tensor, with a factor in the right range and
+    the op applied to about p of the images."""
+    torch.manual_seed(0)
+    x = torch.rand(4000, 3, 4, 4)
+    for op, fn in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
+        strengths = [0.0] * 4
+        strengths[op] = 0.4
+        out = B.color_jitter(x.clone(), strengths, p=0.8)
+        changed = (out != x).flatten(1).any(1)
+        assert abs(changed.float().mean().item() - 0.8) < 0.03
+        # Recover each image's factor by matching torchvision's op on a grid of factors.
+        grid = torch.linspace(0.6, 1.4, 161)
+        k = changed.nonzero()[:12, 0]
+        for i in k.tolist():
+            errs = torch.stack([(fn(x[i], float(f)) - out[i]).abs().max() for f in grid])
+            assert errs.min() < 0.01  # some factor in [0.6, 1.4] reproduces it
+
+
+def test_blur_and_solarize_match_torchvision():
+    x = torch.rand(3, 3, 32, 32)
+    out = B.gaussian_blur(x.clone(), p=1.0, kernel_size=5, sigma_range=(1.3, 1.3))
+    ref = torch.stack([TF.gaussian_blur(x[i], [5, 5], [1.3, 1.3]) for i in range(3)])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    r = augment.Recipe(32, (1.0, 1.0), flip=0.0, jitter_p=0.0, gray_p=0.0, solarize_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    img = smooth_images(2)
+    ref = torch.stack([TF.to_tensor(TF.solarize(Image.fromarray(im.numpy()), 128)) for im in img])
+    torch.testing.assert_close(B.augment_batch(img, r), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", [augment.simclr_recipe(32, 0.5, blur=False), augment.byol_recipes(32)[1],
+                                    augment.mocov2_recipe(32, crop_min=0.08, blur=True)],
+                         ids=["simclr_cifar", "byol_view2", "mocov2_blur"])
+def test_output_statistics_match_the_torchvision_pipeline(recipe):
+    """Same images through both paths, 8 draws each: per-channel mean, std and the fraction of grey images agree.
+    PIL rounds to 8 bits after every step (truncating in its blends), so its means sit about 1/255 (0.02 in
+    normalised units) lower; the tolerances allow that plus sampling noise (about 0.015 for 4096 draws)."""
+    torch.manual_seed(0)
+    images = smooth_images(512)
+    pil = augment.to_torchvision(recipe)
+    ours = torch.cat([B.augment_batch(images, recipe) for _ in range(8)])  # (4096, 3, 32, 32)
+    theirs = torch.stack([pil(Image.fromarray(im.numpy())) for _ in range(8) for im in images])
+    for stat in (lambda v: v.mean(dim=(2, 3)), lambda v: v.std(dim=(2, 3))):
+        a, b = stat(ours), stat(theirs)  # per image and channel
+        assert torch.allclose(a.mean(0), b.mean(0), atol=0.05), (a.mean(0), b.mean(0))
+        assert torch.allclose(a.std(0), b.std(0), atol=0.04), (a.std(0), b.std(0))
+    mean, std = torch.tensor(recipe.mean).view(3, 1, 1), torch.tensor(recipe.std).view(3, 1, 1)
+    def grey_fraction(v):
+        rgb = v * std + mean
+        return ((rgb[:, 0] - rgb[:, 1]).abs().amax(dim=(1, 2)) < 0.02).float().mean().item()
+    assert abs(grey_fraction(ours) - grey_fraction(theirs)) < 0.04
+
+
+def test_view_maker_paths(process_group):
+    images = smooth_images(8)
+    recipes = augment.byol_recipes(32)
+    batched = augment.ViewMaker(recipes, 2, torch.device("cpu"), "gpu", "cifar10")
+    assert batched.transform is None
+    v1, v2 = batched(images)
+    assert v1.shape == v2.shape == (8, 3, 32, 32) and v1.dtype == torch.float32
+    cpu = augment.ViewMaker(recipes, 2, torch.device("cpu"), "auto", "cifar10")
+    assert not cpu.batched and len(cpu.transform(Image.fromarray(images[0].numpy()))) == 2
+    from common.config import ConfigError
+    with pytest.raises(ConfigError, match="needs an in-memory dataset"):
+        augment.ViewMaker(recipes, 2, torch.device("cpu"), "gpu", "imagefolder")
