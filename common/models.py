@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from common.cifar_models import CIFAR_MODELS, build_cifar_model
 from common.config import ConfigError
 from common.vit import VisionTransformer
 
@@ -50,11 +51,14 @@ BACKBONES = {
 
 
 def build_model(name, image_size=224, patch_size=16, cifar_stem=None, zero_init_residual=False,
-                stop_grad_patch_embed=False, num_heads=None):
+                stop_grad_patch_embed=False, num_heads=None, num_classes=100):
     """A headless backbone by name. ResNets use the CIFAR stem by default at image_size <= 32 (as SimCLR's code
-    does); ViT options: patch_size, stop_grad_patch_embed (MoCo v3), num_heads (None = the table above)."""
+    does); ViT options: patch_size, stop_grad_patch_embed (MoCo v3), num_heads (None = the table above).
+    The CIFAR-100 distillation zoo (common/cifar_models.py: resnet8..110, wrn_*, vgg*) comes with its classifier."""
+    if name in CIFAR_MODELS:
+        return build_cifar_model(name, num_classes)
     if name not in BACKBONES:
-        raise ConfigError(f"unknown arch '{name}'; choose one of {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown arch '{name}'; choose one of {sorted(BACKBONES) + sorted(CIFAR_MODELS)}")
     spec = dict(BACKBONES[name])
     if spec.pop("family") == "resnet":
         return ResNet(spec["block"], spec["layers"], cifar_stem=image_size <= 32 if cifar_stem is None else cifar_stem,
@@ -69,6 +73,11 @@ def build_model(name, image_size=224, patch_size=16, cifar_stem=None, zero_init_
 
 def is_vit(name):
     return BACKBONES.get(name, {}).get("family") == "vit"
+
+
+def use_channels_last(name, device):
+    """NHWC memory layout: faster convolutions with cuDNN (ResNets on CUDA); nothing to gain for a ViT or on the CPU."""
+    return device.type == "cuda" and not is_vit(name)
 
 
 def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False):

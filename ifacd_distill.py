@@ -1,0 +1,435 @@
+"""IFACD: Intermediate Features Augmented Contrastive Distillation (Rios et al., slides S000), with KD and CRD.
+
+A frozen teacher (trained first by this script with `--distill none`) supervises a CIFAR-100 student through
+    L = alpha * CE(student, y) + beta * KL(T = 4) + gamma * L_method                          (S000 "Methodology")
+- kd:    L_method = 0: the KL term alone (Hinton et al. 2015, arXiv:1503.02531).
+- crd:   CRD (Tian et al. 2020, arXiv:1910.10699, Eq. 18): linear embeddings of the pooled student and teacher
+         features, two momentum memory banks (one row per training image), 16384 other-class negatives per anchor,
+         NCE with the fixed normaliser Z, both directions (student anchors vs the teacher bank and vice versa).
+- ifacd: the teacher's last n ReLU outputs of the last stage, pooled, each mapped by its own rescaler (Linear + BN)
+         to the teacher's width, then a projector shared by the teacher layers (the student has its own) to 128-d;
+         SupCon 'all' without labels over the (B, 1 + n, 128) views: the views of an image are positives of each
+         other, every view of every other image is a negative (METHODS.md section 8).
+- none:  the model trains alone with CE: this is how teachers (and the "student vanilla" row) are made.
+
+Reproduces the S000 CIFAR-100 table (top-1 of the last epoch; six teacher -> student pairs; configs in
+configs/ifacd_distill/, runner scripts/run_table.py). Recipe of the authors' RepDistiller fork (METHODS.md section 8):
+SGD Nesterov momentum 0.9, lr 0.05 at batch 64, wd 5e-4 (not on biases/BN), 240 epochs, x0.1 after 150/180/210,
+RandomCrop(32, 4) + flip, tau 0.07, feature dim 128. The test set is evaluated exactly (every image once, over ranks).
+Known deviations
+- gamma (the weight of L_method) is not given in S000 and the fork has no run script: the configs use 0.8 for crd and
+  ifacd (RepDistiller's CRD weight), marked as a guess in each YAML.
+- Multi-GPU runs are exact for the losses (IFACD gathers all views with gradient; CRD updates the banks with the whole
+  global batch and fixes Z with the mean over ranks) but BN statistics are per GPU unless --sync_bn (CUDA only).
+  The paper setting is one GPU with batch 64.
+- CRD negatives are drawn with torch's RNG (not numpy's) so that a resumed run is bit-exact.
+- RepDistiller's own recipe (plain SGD, wd on every parameter) is `--nesterov false --exclude_bias_norm false`.
+- lr is given at batch 64 and scaled linearly with batch_size (RepDistiller keeps 0.05 whatever the batch; the fork
+  uses 0.2 x B/256); the two agree at the paper's batch 64.
+- Peak memory (log.jsonl peak_mem_gb on CUDA: max_memory_allocated during the epoch, as the slides report GPU memory;
+  peak_rss_gb on the CPU, which also holds the whole dataset and torch itself: compare methods, not with the slides).
+Checkpoint: `model` = student (keys `student.*`, RepDistiller's parameter names) + trainable distillation heads
+(`heads.*`: CRD embeddings, IFACD rescalers and projectors); `loss_state` = CRD's banks and Z (empty otherwise).
+
+Run
+    python ifacd_distill.py --config configs/ifacd_distill/vanilla_wrn_40_2.yaml                 # teacher, 1 GPU
+    python ifacd_distill.py --config configs/ifacd_distill/wrn_40_2-wrn_16_2_ifacd2.yaml         # student, 1 GPU
+    torchrun --standalone --nproc_per_node=4 ifacd_distill.py --config configs/ifacd_distill/vgg13-vgg8_crd.yaml
+    python ifacd_distill.py --dataset fake --distill none --student resnet8 --epochs 1 --max_steps_per_epoch 2 \
+        --device cpu                                                                             # CPU smoke run
+    python scripts/run_table.py --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2               # the whole table
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from common import augment, checkpoint, config, data, dist, log, optim, schedules
+from common.cifar_models import CIFAR_MODELS, build_cifar_model, feature_shapes
+from common.config import ConfigError, arg
+from common.log import print0
+
+MEAN_STD = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # RepDistiller dataset/cifar100.py
+            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fake": 10}
+METHODS = ("none", "kd", "crd", "ifacd")
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = arg("cifar100", "training images (fake = random images for smoke runs)", choices=tuple(NUM_CLASSES))
+    data_dir: str = arg("./data", "dataset root (holds cifar-100-python / cifar-10-batches-py)")
+    download: bool = arg(True, "download CIFAR through torchvision if missing")
+    # models
+    distill: str = arg("ifacd", "none (train alone: teachers), kd, crd or ifacd", choices=METHODS)
+    student: str = arg("wrn_16_2", "the model trained", choices=tuple(CIFAR_MODELS))
+    teacher: str = arg("wrn_40_2", "the frozen teacher's architecture (unused with distill none)",
+                       choices=tuple(CIFAR_MODELS))
+    teacher_ckpt: str = arg("", "the teacher's weights: this script's last.pt or a bare state dict (RepDistiller's)")
+    # loss
+    alpha: float = arg(1.0, "weight of the cross-entropy (S000: 1)")
+    beta: float = arg(1.0, "weight of KL(teacher || student) at kd_temperature (S000: 1; ignored with distill none)")
+    gamma: float = arg(0.8, "weight of the method's term (crd, ifacd); not in S000: 0.8 = RepDistiller's CRD weight")
+    kd_temperature: float = arg(4.0, "KD softmax temperature T (Hinton; RepDistiller: 4)")
+    nce_temperature: float = arg(0.07, "temperature of CRD's NCE and IFACD's contrastive loss (fork: nce_t 0.07)")
+    feat_dim: int = arg(128, "CRD embedding / IFACD projection width (fork: 128)")
+    ifacd_layers: int = arg(2, "IFACD: teacher layers taken from the end of the last stage (slides: ifacd1/2/3)")
+    crd_negatives: int = arg(16384, "CRD: other-class negatives per anchor (RepDistiller nce_k: 16384)")
+    crd_momentum: float = arg(0.5, "CRD: memory-bank momentum (RepDistiller nce_m: 0.5)")
+    sync_bn: bool = arg(False, "SyncBN across GPUs (the paper trains on one GPU); ignored on the CPU")
+    # optimisation
+    lr: float = arg(0.05, "learning rate at batch 64, scaled linearly with batch_size (S000/RepDistiller: 0.05)")
+    momentum: float = arg(0.9, "SGD momentum")
+    nesterov: bool = arg(True, "Nesterov momentum (the fork, via timm; RepDistiller: false)")
+    weight_decay: float = arg(5e-4, "weight decay (S000: 5e-4)")
+    exclude_bias_norm: bool = arg(True, "no weight decay on biases and BN parameters (the fork; RepDistiller: false)")
+    lr_milestones: list = arg([150, 180, 210], "epochs after which the lr is multiplied by lr_decay (S000)")
+    lr_decay: float = arg(0.1, "step-decay factor")
+    epochs: int = arg(240, "training epochs (S000: 240)")
+    batch_size: int = arg(64, "global batch size over all GPUs (S000/RepDistiller: 64)")
+    amp: str = arg("none", "mixed precision on CUDA: none (the paper: fp32), bf16 or fp16",
+                   choices=("none", "bf16", "fp16"))
+    compile: bool = arg(False, "torch.compile the student and its distillation heads")
+    # run
+    output_dir: str = arg("./out/ifacd_distill", "where last.pt, log.jsonl and config.yaml go")
+    seed: int = arg(0, "random seed (the table averages several)")
+    device: str = arg("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
+    num_workers: int = arg(8, "data-loading workers per GPU")
+    max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
+    eval_every: int = arg(1, "test top-1 every this many epochs (and after the last); 0 = off")
+    log_every: int = arg(50, "print a progress line every this many steps")
+    save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
+    config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
+    resume: str = arg("", "checkpoint to resume from; default: output_dir/last.pt if it exists")
+
+
+# ============================================ method: losses and heads ============================================
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """KD (Hinton et al. 2015): KL(softmax(t/T) || softmax(s/T)) * T^2, summed over classes, mean over the batch
+    (RepDistiller `DistillKL`). student_logits, teacher_logits: (B, C). Local to this rank's batch."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature ** 2
+
+
+def ifacd_loss(features, temperature):
+    """IFACD's contrastive loss: SupCon 'all' without labels (Khosla et al. 2020, Eq. 2 L_out; the fork's SupConLoss
+    with base_temperature = temperature), METHODS.md sections 1 and 8.
+
+    features: (n, V, D) this rank's n images x V views (student's final feature, then the n_l teacher layers), any
+    scale (L2-normalised here). Every one of the vectors is an anchor; its positives are the V - 1 other views of
+    the same image, its denominator every other vector of the global batch (gathered from all ranks with gradient).
+    Loss = -mean over anchors of the mean log-probability of its positives.
+    """
+    n, V, D = features.shape
+    z = F.normalize(features, dim=2).reshape(n * V, D)  # (nV, D): row i*V + v = view v of image i
+    z_all = dist.gather_with_grad(z)  # (W*nV, D): rank r's rows at [nV*r, nV*(r+1))
+    offset = n * V * torch.distributed.get_rank()
+    logits = z @ z_all.T / temperature  # (nV, W*nV)
+    rows = torch.arange(n * V, device=z.device)
+    cols = torch.arange(z_all.shape[0], device=z.device)
+    self_mask = cols[None, :] == (rows + offset)[:, None]  # an anchor is not in its own denominator
+    positive = (cols[None, :] // V == ((rows + offset) // V)[:, None]) & ~self_mask  # same image, other view
+    log_prob = logits.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (V - 1)).mean()
+
+
+def crd_nce_loss(p, n_data, eps=1e-7):
+    """CRD's NCE loss (Tian et al. 2020, Eq. 18; RepDistiller `ContrastLoss`). p: (B, 1 + K) scores
+    exp(v . m / tau) / Z, column 0 the positive, columns 1..K the negatives; noise P_n = 1 / n_data."""
+    m = (p.shape[1] - 1) / n_data  # K * P_n
+    log_d1 = torch.log(p[:, 0] / (p[:, 0] + m + eps))  # the positive comes from the data distribution
+    log_d0 = torch.log(m / (p[:, 1:] + m + eps))  # the negatives come from the noise distribution
+    return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
+
+
+class CRDMemory(nn.Module):
+    """CRD's two memory banks over the training images (student and teacher embeddings, RepDistiller
+    `ContrastMemory`) and the normalisers Z, fixed at the first batch; all three are checkpointed (`loss_state`)."""
+
+    def __init__(self, n_data, dim, momentum):
+        super().__init__()
+        stdv = 1.0 / math.sqrt(dim / 3)  # RepDistiller's init: U(-stdv, stdv)
+        self.register_buffer("bank_s", torch.rand(n_data, dim) * 2 * stdv - stdv)
+        self.register_buffer("bank_t", torch.rand(n_data, dim) * 2 * stdv - stdv)
+        self.register_buffer("z", torch.full((2,), -1.0))  # (Z_s, Z_t); negative = not fixed yet
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def fix_normalisers(self, e_s, e_t):
+        """Z = mean score x n_data on the first batch (mean over all ranks, so every rank holds the same Z)."""
+        if self.z[0] < 0:
+            means = dist.all_reduce_sum(torch.stack([e_s.mean(), e_t.mean()])) / torch.distributed.get_world_size()
+            self.z.copy_(means * self.bank_s.shape[0])
+        return self.z
+
+    @torch.no_grad()
+    def update(self, v_s, v_t, idx):
+        """m * bank[idx] + (1 - m) * v, re-normalised; called with the whole global batch so banks stay equal."""
+        for bank, v in ((self.bank_s, v_s), (self.bank_t, v_t)):
+            bank[idx] = F.normalize(bank[idx] * self.momentum + v * (1 - self.momentum), dim=1)
+
+
+def crd_loss(v_s, v_t, memory, idx, neg_idx, temperature):
+    """CRD: v_s, v_t (B, D) L2-normalised embeddings; idx (B,) the images' dataset indices; neg_idx (B, K). Student
+    anchors are scored against the teacher bank and teacher anchors against the student bank (Eq. 18, both ways)."""
+    sample = torch.cat([idx[:, None], neg_idx], dim=1)  # (B, 1+K): column 0 = the image itself ("exact" mode)
+    e_s = torch.exp(torch.einsum("bkd,bd->bk", memory.bank_t[sample], v_s) / temperature)  # (B, 1+K)
+    e_t = torch.exp(torch.einsum("bkd,bd->bk", memory.bank_s[sample], v_t) / temperature)
+    z = memory.fix_normalisers(e_s, e_t)
+    return crd_nce_loss(e_s / z[0], memory.bank_s.shape[0]) + crd_nce_loss(e_t / z[1], memory.bank_s.shape[0])
+
+
+class CRDEmbed(nn.Module):
+    """CRD's embeddings: Linear -> L2-norm on the pooled student and teacher features. forward -> (v_s, v_t)."""
+
+    def __init__(self, s_dim, t_dim, feat_dim):
+        super().__init__()
+        self.embed_s, self.embed_t = nn.Linear(s_dim, feat_dim), nn.Linear(t_dim, feat_dim)
+
+    def forward(self, s, t):
+        return F.normalize(self.embed_s(s.pooled), dim=1), F.normalize(self.embed_t(t.pooled), dim=1)
+
+
+class IFACDHead(nn.Module):
+    """IFACD's contrastive head (fork 62a53e7, METHODS.md section 8): one rescaler Linear(c_l -> t_dim) + BN1d per
+    teacher layer (the last one included), projectors Linear + BN1d to feat_dim: proj_s for the student, proj_t shared
+    by the teacher layers. forward -> (B, 1 + n, feat_dim): the student's view first, then the teacher layers."""
+
+    def __init__(self, s_dim, t_dim, layer_dims, feat_dim):
+        super().__init__()
+        self.rescalers = nn.ModuleList(nn.Sequential(nn.Linear(c, t_dim), nn.BatchNorm1d(t_dim)) for c in layer_dims)
+        self.proj_s = nn.Sequential(nn.Linear(s_dim, feat_dim), nn.BatchNorm1d(feat_dim))
+        self.proj_t = nn.Sequential(nn.Linear(t_dim, feat_dim), nn.BatchNorm1d(feat_dim))
+
+    def forward(self, s, t):
+        layers = t.last_stage[-len(self.rescalers):]  # the teacher's last n ReLU outputs, computed without grad
+        views = [self.proj_s(s.pooled)] + [self.proj_t(rescale(F.adaptive_avg_pool2d(f, 1).flatten(1)))
+                                           for rescale, f in zip(self.rescalers, layers)]
+        return torch.stack(views, dim=1)  # (B, 1+n, feat_dim)
+
+
+def build_heads(cfg, student, teacher):
+    """The trainable distillation modules of cfg.distill, sized by a probe forward of both models; None if none."""
+    if cfg.distill not in ("crd", "ifacd"):
+        return None
+    s, t = feature_shapes(student), feature_shapes(teacher)
+    if cfg.distill == "crd":
+        return CRDEmbed(s.pooled[1], t.pooled[1], cfg.feat_dim)
+    if not 1 <= cfg.ifacd_layers <= len(t.last_stage):
+        raise ConfigError(f"ifacd_layers={cfg.ifacd_layers}: {cfg.teacher} has {len(t.last_stage)} ReLU outputs in "
+                          f"its last stage; choose 1..{len(t.last_stage)}")
+    dims = [shape[1] for shape in t.last_stage[-cfg.ifacd_layers:]]
+    return IFACDHead(s.pooled[1], t.pooled[1], dims, cfg.feat_dim)
+
+
+class Distiller(nn.Module):
+    """The trainable part, wrapped in DDP as one module: the student and the heads. forward(x, t) -> (Features, z),
+    z = the heads' output on (student features, teacher features), or None without heads."""
+
+    def __init__(self, student, heads=None):
+        super().__init__()
+        self.student, self.heads = student, heads
+
+    def forward(self, x, t=None):
+        s = self.student(x, features=True)
+        return s, (self.heads(s, t) if self.heads is not None else None)
+
+
+def distill_term(cfg, z, memory, idx, neg_idx):
+    """L_method, the loss the slides weight by gamma: 0 for none and kd (KD's term is the beta * KL term)."""
+    if cfg.distill == "crd":
+        return crd_loss(z[0].float(), z[1].float(), memory, idx, neg_idx, cfg.nce_temperature)
+    if cfg.distill == "ifacd":
+        return ifacd_loss(z.float(), cfg.nce_temperature)
+    return torch.zeros((), device=idx.device)
+
+
+class DistillSet(Dataset):
+    """Training items (image, label, index, negatives). `negatives` is CRD's sample (RepDistiller
+    `CIFAR100InstanceSample`, mode 'exact'): K indices of other-class images, uniform without replacement (with
+    replacement if fewer than K exist); an empty tensor when K = 0. Uses torch's RNG, reseeded every epoch."""
+
+    def __init__(self, base, k):
+        self.base, self.k = base, k
+        self.order = torch.argsort(base.labels, stable=True)  # dataset indices grouped by class
+        self.count = torch.bincount(base.labels)
+        self.start = torch.cumsum(self.count, 0) - self.count  # class c occupies order[start[c]:start[c]+count[c]]
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if not self.k:
+            return x, y, i, torch.empty(0, dtype=torch.long)
+        start, count = int(self.start[y]), int(self.count[y])
+        m = len(self.order) - count  # number of other-class images
+        j = torch.randperm(m)[:self.k] if self.k <= m else torch.randint(m, (self.k,))
+        return x, y, i, self.order[j + count * (j >= start)]  # positions past class y's block skip over it
+
+
+def load_teacher(cfg, num_classes, device):
+    """The frozen teacher: `cfg.teacher` with the weights of `cfg.teacher_ckpt` (this script's last.pt, or a bare
+    state dict / RepDistiller's {'model': state_dict}), strict, in eval mode and without gradients."""
+    path = cfg.teacher_ckpt
+    if not os.path.isfile(path):
+        raise ConfigError(f"teacher checkpoint {path} does not exist; train the teacher with "
+                          f"`--distill none --student {cfg.teacher}` (scripts/run_table.py does it)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"teacher checkpoint {path} is unreadable ({type(e).__name__})") from None
+    if isinstance(blob, dict) and "format" in blob:  # this script's own checkpoint: the student part of `model`
+        trained = blob.get("config", {}).get("student")
+        if trained != cfg.teacher:
+            held = f"a {trained}" if trained else "no ifacd_distill.py model"
+            raise ConfigError(f"teacher checkpoint {path} holds {held}, not --teacher {cfg.teacher}")
+        if blob["epoch"] < blob["config"]["epochs"]:
+            print0(f"warning: the teacher in {path} stopped at epoch {blob['epoch']} of {blob['config']['epochs']}")
+        blob = {k[len("student."):]: v for k, v in blob["model"].items() if k.startswith("student.")}
+    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
+        blob = blob["model"]
+    teacher = build_cifar_model(cfg.teacher, num_classes)
+    try:
+        teacher.load_state_dict(blob)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = str(e).splitlines()[0][:200]
+        raise ConfigError(f"teacher checkpoint {path} does not fit {cfg.teacher}: {detail}") from None
+    return teacher.requires_grad_(False).eval().to(device)
+
+
+# ================================================== training ==================================================
+
+def train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, ctx, epoch, step, peak_lr):
+    model_ddp.train()  # the teacher is not part of model_ddp: it stays in eval mode
+    meters = {k: log.Meter() for k in ("loss", "ce", "kl", "distill")}
+    progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
+    lr = schedules.step_decay(epoch, cfg.lr_milestones, peak_lr, cfg.lr_decay)  # x0.1 after epochs 150, 180, 210
+    optim.set_lr_wd(optimizer, lr)
+    zero = torch.zeros((), device=ctx.device)  # the KL term without a teacher
+    for i, (x, y, idx, neg_idx) in enumerate(progress):
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        idx, neg_idx = idx.to(ctx.device, non_blocking=True), neg_idx.to(ctx.device, non_blocking=True)
+        with optim.autocast(cfg.amp, ctx.device):
+            with torch.no_grad():  # frozen teacher: its features carry no graph
+                t = teacher(x, features=True) if teacher is not None else None
+            s, z = model_ddp(x, t)
+        # losses in float32 (bf16/fp16 softmax, exp and normalisation are not safe)
+        ce = F.cross_entropy(s.logits.float(), y)
+        kl = kd_loss(s.logits.float(), t.logits.float(), cfg.kd_temperature) if t is not None else zero
+        term = distill_term(cfg, z, memory, idx, neg_idx)
+        loss = cfg.alpha * ce + cfg.beta * kl + cfg.gamma * term  # S000: alpha CE + beta KL + gamma L_method
+        optim.step(loss, optimizer, scaler)
+        if cfg.distill == "crd":  # CRD updates the banks after scoring, with every rank's samples
+            memory.update(dist.gather(z[0].detach().float()), dist.gather(z[1].detach().float()), dist.gather(idx))
+        for name, value in (("loss", loss), ("ce", ce), ("kl", kl), ("distill", term)):
+            meters[name].update(value, step)
+        progress.log(i, step, meters["loss"], lr=lr)
+        step += 1
+    meters["loss"].check()
+    return step, {**{k: m.global_avg() for k, m in meters.items()}, "lr": lr, **progress.stats()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx):
+    """Top-1 (%) on the test set: every rank scores its shard (eval_loader: no padding), counts are summed."""
+    model.eval()
+    counts = torch.zeros(2, device=ctx.device)  # (correct, total)
+    for x, y, _ in loader:
+        pred = model(x.to(ctx.device, non_blocking=True)).argmax(dim=1)
+        counts += torch.stack([(pred == y.to(ctx.device)).sum(), torch.tensor(len(y), device=ctx.device)])
+    correct, total = dist.all_reduce_sum(counts).tolist()
+    return 100.0 * correct / total
+
+
+def param_counts(model, teacher):
+    """(trainable: student + heads once, slides: teacher + student + heads twice). S000's 'Number of Parameters'
+    counts every module of RepDistiller's `module_list` plus `criterion_list`, so heads registered in both count
+    twice (METHODS.md section 10); the slides' figure is printed beside ours for comparison."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    heads = count(model.heads)
+    return count(model.student) + heads, count(teacher) + count(model.student) + 2 * heads
+
+
+def main():
+    # ----- config and distributed setup -----
+    cfg = config.parse(Config, description=__doc__.splitlines()[0])
+    if cfg.distill != "none" and not cfg.teacher_ckpt:
+        raise ConfigError(f"--distill {cfg.distill} needs --teacher_ckpt (a {cfg.teacher} trained with --distill none)")
+    ctx = dist.setup(cfg.device)
+    batch_per_rank = dist.per_rank(cfg.batch_size, ctx.world_size)
+    log.start(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # same initial weights and CRD banks on every rank
+
+    # ----- data: RandomCrop(32, 4) + flip for training, the plain normalised images for the test -----
+    mean, std = MEAN_STD.get(cfg.dataset, MEAN_STD["cifar100"])
+    train_base = data.build_dataset(cfg.dataset, cfg.data_dir, "train",
+                                    augment.linear_train_transform(32, mean, std), cfg.download)
+    train_set = DistillSet(train_base, cfg.crd_negatives if cfg.distill == "crd" else 0)
+    test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(32, mean, std))
+    loader = data.train_loader(train_set, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
+    test_loader = data.eval_loader(test_set, 256, ctx, cfg.num_workers)
+    steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
+
+    # ----- models: frozen teacher, student + distillation heads (one DDP module), CRD memory -----
+    num_classes = NUM_CLASSES[cfg.dataset]
+    teacher = load_teacher(cfg, num_classes, ctx.device) if cfg.distill != "none" else None
+    student = build_cifar_model(cfg.student, num_classes)
+    model, model_ddp, note = dist.prepare(Distiller(student, build_heads(cfg, student, teacher)), ctx, cfg.sync_bn,
+                                          cfg.compile, channels_last=ctx.device.type == "cuda")
+    crd = cfg.distill == "crd"
+    memory = (CRDMemory(len(train_set), cfg.feat_dim, cfg.crd_momentum) if crd else nn.Module()).to(ctx.device)
+    params, params_slides = param_counts(model, teacher)
+    what = f"{cfg.distill}: {cfg.teacher} -> {cfg.student}" if teacher else f"{cfg.student} trained alone"
+    print0(f"{note}; {what}; parameters: "
+           f"{params / 1e6:.3f}M trainable (student + heads, counted once), {params_slides / 1e6:.2f}M as the slides "
+           f"count them (teacher + student + 2 x heads); {len(train_set)} images, {steps_per_epoch} steps/epoch")
+
+    # ----- optimizer and schedule (the lr is set every epoch in train_one_epoch) -----
+    peak_lr = cfg.lr * cfg.batch_size / 64  # 0.05 at batch 64 (the fork: 0.2 x B / 256); linear scaling otherwise
+    groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
+    optimizer = optim.build_optimizer("sgd", groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    scaler = optim.grad_scaler(cfg.amp, ctx.device)
+
+    # ----- resume -----
+    start_epoch, step, best = 0, 0, 0.0
+    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
+    if path:
+        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, optimizer=optimizer,
+                                                        scaler=scaler, loss_state=memory)
+        best = checkpoint.load(path).get("best_top1", 0.0)
+        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+
+    # ----- epoch loop: train, evaluate, log, checkpoint -----
+    top1 = None
+    for epoch in range(start_epoch, cfg.epochs):
+        data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
+        step, row = train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, ctx, epoch, step,
+                                    peak_lr)
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            top1 = evaluate(model.student, test_loader, ctx)
+            best = max(best, top1)
+            row.update(test_top1=top1, best_test_top1=best)  # the reported number is the last epoch's test_top1
+        row.update(params=params, params_slides=params_slides)  # peak memory: in row, from the epoch's Progress
+        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              model=model, optimizer=optimizer, scaler=scaler, loss_state=memory, best_top1=best)
+    if top1 is not None:
+        print0(f"test top-1 of the last epoch: {top1:.2f}% (best epoch, not the reported number: {best:.2f}%)")
+
+    # ----- cleanup -----
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    config.run(main)
