@@ -77,10 +77,11 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20, 200), temperature=0.0
 class KNNMonitor:
     """Builds the labeled train / val loaders once; `evaluate(backbone)` returns {k: top-1 %} (per layer if asked)."""
 
-    def __init__(self, dataset, data_dir, image_size, ctx, batch_size=256, num_workers=4, download=False):
+    def __init__(self, dataset, data_dir, image_size, ctx, batch_size=256, num_workers=4, download=False,
+                 class_list=""):
         t = augment.eval_transform(image_size)
-        train = data.build_dataset(dataset, data_dir, "train", t, download)
-        val = data.build_dataset(dataset, data_dir, "val", t, download)
+        train = data.build_dataset(dataset, data_dir, "train", t, download, class_list)
+        val = data.build_dataset(dataset, data_dir, "val", t, download, class_list)
         self.num_classes = data.num_classes(train)
         self.ctx = ctx
         self.train = data.eval_loader(train, batch_size, ctx, num_workers)
@@ -128,7 +129,8 @@ def main(argv=None):
     dataset, data_dir = cfg.dataset or train_cfg["dataset"], cfg.data_dir or train_cfg["data_dir"]
     size = cfg.image_size or train_cfg.get("image_size") or data.DEFAULT_IMAGE_SIZE[dataset]
     layers = select_layers(backbone, cfg.layer)
-    monitor = KNNMonitor(dataset, data_dir, size, ctx, cfg.batch_size, cfg.num_workers, cfg.download)
+    monitor = KNNMonitor(dataset, data_dir, size, ctx, cfg.batch_size, cfg.num_workers, cfg.download,
+                         train_cfg.get("class_list", "") if not cfg.dataset else "")
     results = monitor.evaluate(backbone, tuple(cfg.k), cfg.temperature, layers)
     if layers is None:
         print0(" ".join(f"{k}-NN top-1 {acc:.2f}" for k, acc in results.items()))

@@ -88,20 +88,22 @@ class Heads(nn.ModuleList):
         return torch.stack([h(f) for h, f in zip(self, feats)])
 
 
-def linear_eval(backbone, dataset, data_dir, image_size, ctx, cfg, layers=None):
+def linear_eval(backbone, dataset, data_dir, image_size, ctx, cfg, layers=None, class_list=""):
     """Train and test linear probes on a frozen backbone; returns the top-1 % per evaluated layer."""
     backbone.eval().requires_grad_(False)
     before = _snapshot(backbone)
-    val = data.build_dataset(dataset, data_dir, "val", augment.eval_transform(image_size), cfg.download)
+    val = data.build_dataset(dataset, data_dir, "val", augment.eval_transform(image_size), cfg.download, class_list)
     val_loader = data.eval_loader(val, cfg.batch_size // ctx.world_size, ctx, cfg.num_workers)
     if cfg.mode == "fast":
-        train = data.build_dataset(dataset, data_dir, "train", augment.eval_transform(image_size), cfg.download)
+        train = data.build_dataset(dataset, data_dir, "train", augment.eval_transform(image_size), cfg.download,
+                                   class_list)
         train_f, train_y = extract(backbone, data.eval_loader(train, 256, ctx, cfg.num_workers), ctx, layers,
                                    unit_norm=False)
         stats = [(f.mean(0), f.std(0) + 1e-6) for f in train_f]  # standardise: a fixed affine map, still linear
         train_f = [(f - m) / s for f, (m, s) in zip(train_f, stats)]
     else:
-        train = data.build_dataset(dataset, data_dir, "train", augment.linear_train_transform(image_size), cfg.download)
+        train = data.build_dataset(dataset, data_dir, "train", augment.linear_train_transform(image_size), cfg.download,
+                                   class_list)
         train_y = None
     torch.manual_seed(cfg.seed)
     heads = Heads([nn.Linear(backbone.embed_dim, data.num_classes(train)) for _ in (layers or [None])]).to(ctx.device)
@@ -152,7 +154,8 @@ def main(argv=None):
     dataset, data_dir = cfg.dataset or train_cfg["dataset"], cfg.data_dir or train_cfg["data_dir"]
     size = cfg.image_size or train_cfg.get("image_size") or data.DEFAULT_IMAGE_SIZE[dataset]
     layers = select_layers(backbone, cfg.layer)
-    top1 = linear_eval(backbone, dataset, data_dir, size, ctx, cfg, layers)
+    top1 = linear_eval(backbone, dataset, data_dir, size, ctx, cfg, layers,
+                       train_cfg.get("class_list", "") if not cfg.dataset else "")
     if layers is None:
         print0(f"linear ({cfg.mode}) top-1 {top1[0]:.2f}")
     else:

@@ -1,0 +1,331 @@
+"""MSBReg: An Embedding-Dynamic Approach to Self-supervised Learning (Moon, Buracas, Park, Kim, Canny; WACV 2023,
+arXiv:2207.03552).
+
+BYOL's online network (backbone f, projector g, predictor h) and its EMA target (f', g') see K same-resolution
+views of every image. The loss (Eq. 2) is L = L_c + lambda_s L_s + lambda_b L_b:
+- multiview centroid loss L_c (Eq. 3): every normalised online prediction p^_j is pulled to the centroid of the K
+  normalised target projections z^'_l (an attractive force, "fast" against the "slow" target);
+- singular value loss L_s (Eq. 5-6): the batch covariance of each view's predictions is pushed to the identity
+  (a global dispersive force);
+- Brownian diffusion loss L_b (Eq. 4): <n^, p^_j>, one random unit direction n^ per image shared by its K views and
+  drawn afresh every step (a local dispersive force that keeps LayerNorm heads from collapsing, Table 13).
+The authors published no code: the equations are the reference (METHODS.md section 7 lists every open choice).
+
+Reproduces (ResNet-18 heads 512 -> 128; LARS, wd 1e-5, 10 warmup epochs, per-step cosine, peak lr = base_lr x B/256 x K)
+- STL-10, K = 4 (default; configs/msbreg/stl10_resnet18_k4.yaml): Table 1, 93.00 linear top-1 / 90.38 5-NN; base lr 0.5.
+- ImageNet-100, K = 2 / 4 / 8 (imagenet100_resnet18_k{2,4,8}.yaml, the CMC class list): Table 1 (K = 4: 80.38,
+  K = 8: 81.56 top-1), Table 8 and Table 11 (K = 2 with lambda_s = lambda_b = 0 is the BYOL row, 71.92); base lr 0.4.
+- STL-10 with LayerNorm heads (stl10_resnet18_ln.yaml): Table 13, "Ours LN" lambda_b 5e-3, batch 256: 82.3.
+- ImageNet ResNet-50, K = 4 (imagenet_resnet50_k4.yaml): Table 2, 74.6 linear top-1 after 300 epochs; base lr 0.15.
+Known deviations and choices (! = left open by the paper, METHODS.md section 7)
+- ! L_s uses the unnormalised predictions p, as Eq. 5 is written (the text says "projections p^").
+- ! L_s is computed over the global batch (all ranks' predictions, gathered with gradient): n in Eq. 5 is the
+  global batch, so the loss does not depend on the GPU count.
+- The centroid (1/K) sum_l z^'_l includes view j itself and is not re-normalised (Eq. 3 read literally).
+- ! Target decay tau: BYOL's cosine schedule 0.996 -> 1 per step (the paper gives no values and calls its EMA
+  "bias-corrected" without saying more; this is the plain EMA xi <- tau xi + (1 - tau) theta, after every step).
+- ! Augmentation: Table 9's single recipe for all K views (no BYOL asymmetry); crop scale 0.08-1, blur kernel 10% of
+  the side with sigma in [0.1, 2], solarize threshold 128 (BYOL's values, not given in the paper).
+- ! Each network sees the K views in one forward pass, so BatchNorm normalises over all K*n images of a rank (BYOL
+  forwards its two views separately). SyncBN on GPUs by default; on the CPU BN statistics are per rank.
+- ! Heads: Linear -> BN (or LN) -> ReLU -> Linear with bias, no output norm (BYOL). ResNet-50: BYOL's 4096 -> 256.
+  The backbones keep BatchNorm under --head_norm ln (Table 13 replaces BN "in the prediction and projection heads").
+- ! --centroid false (Table 8 "L_c x" rows) replaces Eq. 3 by BYOL's cross-view loss averaged over the K(K-1)
+  ordered pairs j != l, which for K = 2 is half of BYOL's symmetrised loss (the paper says K = 2 "is the same as
+  BYOL" and does not give the form). lambda_s = 0 / lambda_b = 0 switch the other two terms off.
+- ! LARS momentum 0.9, trust coefficient 1e-3 (BYOL's; not given). ImageNet-100 runs 320 epochs (Sec. 7.1; the
+  Table 11 text says 300). STL-10 at 96 px uses the ImageNet stem (the paper does not say).
+- k-NN monitor (weighted, T = 0.07, k = 5 / 20 / 200) on the target backbone instead of the paper's linear probe.
+Collapse check (Table 13: BYOL with LayerNorm heads collapses, L_b prevents it): compare `embed_std` in log.jsonl,
+the per-dimension std of the L2-normalised online projections (about 1/sqrt(proj_dim) when healthy, -> 0 collapsed):
+    python msbreg.py --dataset cifar10 --num_views 2 --head_norm ln --lambda_s 0 --lambda_b 0 --epochs 20 \\
+        --batch_size 256 --output_dir out/msbreg_ln_lb0
+    python msbreg.py --dataset cifar10 --num_views 2 --head_norm ln --lambda_s 0 --lambda_b 5.0e-3 --epochs 20 \\
+        --batch_size 256 --output_dir out/msbreg_ln_lb5e-3
+
+Run
+    python msbreg.py                                                     # STL-10, K = 4, downloads it (1 GPU or CPU)
+    torchrun --standalone --nproc_per_node=8 msbreg.py --config configs/msbreg/imagenet100_resnet18_k4.yaml \\
+        --data_dir /data/imagenet
+    python msbreg.py --dataset fake --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu --eval_every 0
+"""
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
+from common.config import ConfigError, arg
+from common.log import print0
+from eval.knn import KNNMonitor
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = arg("stl10", "training images (paper: stl10, imagefolder + class_list for ImageNet-100, imagenet)",
+                       choices=data.DATASETS)
+    data_dir: str = arg("./data", "dataset root (imagefolder: data_dir/train and data_dir/val)")
+    download: bool = arg(True, "download cifar10/cifar100/stl10 through torchvision if missing")
+    class_list: str = arg("", "imagefolder/imagenet only: file of class folders to keep "
+                              "(ImageNet-100: configs/imagenet100_classes.txt)")
+    image_size: int = arg(0, "crop size; 0 = the dataset's (96 STL-10, 224 ImageNet)")
+    num_views: int = arg(4, "K views per image, all at the same resolution (paper: 2, 4, 8)")
+    crop_min: float = arg(0.08, "smallest random-resized-crop scale (not given in the paper; BYOL's 0.08)")
+    aug_device: str = arg("auto", "where views are made: cpu (torchvision in the loader workers), gpu (batched on the "
+                                  "training device; in-memory datasets), auto (gpu on CUDA when possible)",
+                          choices=("auto", "cpu", "gpu"))
+    # model
+    arch: str = arg("resnet18", "backbone (paper: resnet18 for STL-10/ImageNet-100, resnet50 for ImageNet)",
+                    choices=("resnet18", "resnet50"))
+    proj_hidden_dim: int = arg(512, "hidden width of projector and predictor (paper R18: 512; BYOL R50: 4096)")
+    proj_dim: int = arg(128, "output width of projector and predictor (paper R18: 128; BYOL R50: 256)")
+    head_norm: str = arg("bn", "norm in the heads' hidden layer (Table 13: ln, where BYOL collapses)",
+                         choices=("bn", "ln"))
+    sync_bn: bool = arg(True, "SyncBN across GPUs (global batch statistics); ignored on the CPU")
+    # loss
+    centroid: bool = arg(True, "multiview centroid loss L_c (Eq. 3); false = BYOL's cross-view pairs (Table 8)")
+    lambda_s: float = arg(4e-3, "weight of the singular value loss L_s (Table 11: 4e-3; 0 = off)")
+    lambda_b: float = arg(0.5, "weight of the Brownian diffusion loss L_b (Table 11: 0.5; STL-10 LN: 5e-3; 0 = off)")
+    target_decay: float = arg(0.996, "initial EMA rate tau of the target, cosine to 1 (not given; BYOL's 0.996)")
+    # optimisation (Sec. 7.1)
+    lr: float = arg(0.5, "base lr; peak lr = lr x batch_size / 256 x num_views (0.5 STL-10, 0.4 IN-100, 0.15 IN)")
+    weight_decay: float = arg(1e-5, "LARS weight decay; biases and norm parameters are excluded (paper: 1e-5)")
+    warmup_epochs: int = arg(10, "linear warmup epochs before the cosine decay (paper: 10)")
+    epochs: int = arg(320, "training epochs (paper: 320 STL-10 / ImageNet-100, 300 ImageNet)")
+    batch_size: int = arg(512, "global batch size over all GPUs (paper: 512; Table 13: 256)")
+    amp: str = arg("bf16", "mixed precision on CUDA: none, bf16 or fp16", choices=("none", "bf16", "fp16"))
+    compile: bool = arg(False, "torch.compile the online model (and the batched augmentation's hue op)")
+    # run
+    output_dir: str = arg("./out/msbreg", "where last.pt, log.jsonl, config.yaml and backbone.pt go")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
+    num_workers: int = arg(8, "data-loading workers per GPU")
+    max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
+    eval_every: int = arg(10, "k-NN monitor every this many epochs (and after the last); 0 = off")
+    log_every: int = arg(50, "print a progress line every this many steps")
+    save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
+    config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
+    resume: str = arg("", "checkpoint to resume from; default: output_dir/last.pt if it exists")
+
+
+# ============================== method: networks, the three loss terms, EMA target ==============================
+
+class MSBRegNet(nn.Module):
+    """Online network f -> g -> h, forward(x) -> (z, p); or, without a predictor, the target f' -> g' -> z'."""
+
+    def __init__(self, backbone, projector, predictor=None):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return z if self.predictor is None else (z, self.predictor(z))
+
+
+def centroid_loss(p, z):
+    """Multiview centroid loss L_c (Eq. 3), averaged over the batch.
+
+    p: (K, B, D) online predictions; z: (K, B, D) target projections (stop-gradient here). Both are L2-normalised;
+    L_c = 1/K sum_j || p^_j - 1/K sum_l z^'_l ||^2, the centroid including view j and not re-normalised. Up to a
+    constant of the target, this is the mean over all K^2 pairs (j, l) of || p^_j - z^'_l ||^2 (Sec. 3.2).
+    """
+    p = F.normalize(p, dim=-1)
+    c = F.normalize(z.detach(), dim=-1).mean(dim=0)  # (B, D): centroid of the K normalised target views
+    return (p - c).pow(2).sum(dim=-1).mean()  # mean over the K views and the B images
+
+
+def cross_view_loss(p, z):
+    """BYOL's loss (Eq. 1) over every ordered pair of different views, || p^_j - z^'_l ||^2 = 2 - 2 cos, j != l,
+    averaged over the K(K-1) pairs and the batch: the "without L_c" ablation (Table 8). p, z: (K, B, D)."""
+    k = p.shape[0]
+    cos = torch.einsum("jbd,lbd->jlb", F.normalize(p, dim=-1), F.normalize(z.detach(), dim=-1))  # (K, K, B)
+    pairs = ~torch.eye(k, dtype=torch.bool, device=p.device)  # (K, K): drop j == l
+    return (2 - 2 * cos[pairs]).mean()
+
+
+def singular_value_loss(p):
+    """Singular value loss L_s (Eq. 5-6): 1/K sum_j || S_j - I_d ||_F^2 = 1/K sum_j sum_i (sigma_ij - 1)^2 (Eq. 7).
+
+    p: (K, B, D) online predictions (unnormalised, as in Eq. 5) of this rank's B images. S_j is the unbiased
+    (N - 1) covariance of view j over the global batch of N images, gathered from all ranks with gradient, so every
+    rank computes the same value and DDP's gradient average gives the full-batch gradient.
+    """
+    p = dist.gather_with_grad(p.transpose(0, 1).contiguous())  # (N, K, D): rank r's images at [r*B, (r+1)*B)
+    p = p - p.mean(dim=0, keepdim=True)
+    cov = torch.einsum("nkd,nke->kde", p, p) / (p.shape[0] - 1)  # (K, D, D): S_j of Eq. 5
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    return (cov - eye).pow(2).sum(dim=(1, 2)).mean()  # Eq. 6, mean over the K views
+
+
+def brownian_noise(num_views, batch, dim, device=None, dtype=None):
+    """n ~ N(0, I_d), one draw per image, the same for its K views (Sec. 3.2). Returns (K, B, D) from torch's RNG
+    (reseeded every epoch per rank, so runs resume bit-exactly); call it afresh every step."""
+    n = torch.randn(batch, dim, device=device, dtype=dtype)  # (B, D): one direction per image
+    return n.expand(num_views, batch, dim)  # (K, B, D): shared by the K views of an image
+
+
+def brownian_loss(p, n):
+    """Brownian diffusion loss L_b (Eq. 4), averaged over the batch: 1/K sum_j <n^, p^_j>.
+
+    p: (K, B, D) online predictions; n: (K, B, D) (or broadcastable, e.g. (B, D)) Gaussian noise from
+    brownian_noise. Both are L2-normalised here; minimising drives p^ towards -n^ (a random walk on the sphere).
+    """
+    return (F.normalize(n, dim=-1) * F.normalize(p, dim=-1)).sum(dim=-1).mean()
+
+
+def msbreg_loss(p, z, n, lambda_s=4e-3, lambda_b=0.5, centroid=True):
+    """Eq. 2: L = L_c + lambda_s L_s + lambda_b L_b. p, z, n: (K, B, D) predictions, target projections, noise.
+    centroid=False swaps L_c for BYOL's cross-view loss (Table 8). Returns (loss, detached parts for logging)."""
+    l_c = centroid_loss(p, z) if centroid else cross_view_loss(p, z)
+    l_s = singular_value_loss(p)
+    l_b = brownian_loss(p, n)
+    loss = l_c + lambda_s * l_s + lambda_b * l_b
+    return loss, {"loss_c": l_c.detach(), "loss_s": l_s.detach(), "loss_b": l_b.detach()}
+
+
+@torch.no_grad()
+def embed_std(z):
+    """Collapse indicator (SimSiam Sec. 4.1): std over the batch of each dimension of the L2-normalised embeddings,
+    averaged over dimensions and views. z: (K, B, D). About 1/sqrt(D) when healthy, 0 when collapsed."""
+    return F.normalize(z.float(), dim=-1).std(dim=1).mean()
+
+
+@torch.no_grad()
+def ema_update(target, online, tau):
+    """xi <- tau xi + (1 - tau) theta for every target parameter (Sec. 3.1). The target's BN running statistics are
+    its own (it runs in train mode)."""
+    theta = dict(online.named_parameters())
+    for name, xi in target.named_parameters():
+        xi.mul_(tau).add_(theta[name].detach(), alpha=1.0 - tau)
+
+
+def msbreg_recipe(size, crop_min):
+    """Table 9: one recipe for every view: crop, flip 0.5, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur
+    p 1.0, solarize 0.2 (blur kernel and sigma as common/augment.py: 10% of the side, sigma in [0.1, 2])."""
+    return augment.Recipe(size, (crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.2)
+
+
+def build_model(cfg, size):
+    backbone = models.build_model(cfg.arch, image_size=size)
+
+    def head(in_dim):  # Sec. 7.2: 2-layer MLP, BN (or LN, Table 13) + ReLU, no norm on the output (BYOL)
+        return models.mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_norm=False, norm=cfg.head_norm,
+                          last_bias=True)
+    return MSBRegNet(backbone, head(backbone.embed_dim), head(cfg.proj_dim))
+
+
+def check(cfg):
+    if cfg.num_views < 2:
+        raise ConfigError(f"num_views must be at least 2 (the centroid of one view is itself), got {cfg.num_views}")
+    if cfg.class_list and cfg.dataset not in ("imagefolder", "imagenet"):
+        raise ConfigError(f"class_list only applies to imagefolder/imagenet, not {cfg.dataset}")
+
+
+# ================================================== training ==================================================
+
+METRICS = ("loss", "loss_c", "loss_s", "loss_b", "embed_std", "pred_std")
+
+
+def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx, epoch, step,
+                    total_steps):
+    model_ddp.train()
+    target.train()  # BYOL: the target also normalises with batch statistics
+    meters = {name: log.Meter() for name in METRICS}
+    progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
+    peak_lr = cfg.lr * cfg.batch_size / 256 * cfg.num_views  # Sec. 7.1: base_lr x batch_size / 256 x K
+    warmup_steps = cfg.warmup_epochs * progress.total
+    for i, (images, _) in enumerate(progress):
+        lr = schedules.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
+        tau = schedules.ema_momentum(step, total_steps, cfg.target_decay)
+        optim.set_lr_wd(optimizer, lr)
+        views = view_maker(images)  # K x (n, 3, H, W), on the device
+        k, n = len(views), views[0].shape[0]
+        # All K views through each network in one pass: K x (n, 3, H, W) -> (K*n, 3, H, W), view-major.
+        x = torch.cat(views)
+        with optim.autocast(cfg.amp, ctx.device):
+            z_online, p = model_ddp(x)  # (K*n, D) each
+            with torch.no_grad():
+                z = target(x)  # (K*n, D): target projections z', no gradient (stop-gradient, Eq. 1)
+        # (K*n, D) -> (K, n, D); the losses run in float32 (normalisation and covariance are not safe in bf16)
+        p, z, z_online = (t.float().view(k, n, -1) for t in (p, z, z_online))
+        noise = brownian_noise(k, n, p.shape[-1], device=ctx.device)  # (K, n, D), fresh every step
+        loss, parts = msbreg_loss(p, z, noise, cfg.lambda_s, cfg.lambda_b, cfg.centroid)
+        optim.step(loss, optimizer, scaler)
+        ema_update(target, model, tau)  # Sec. 3.1: xi_{t+1} = tau_t xi_t + (1 - tau_t) theta_t after the step
+        values = {"loss": loss, **parts, "embed_std": embed_std(z_online), "pred_std": embed_std(p)}
+        for name, value in values.items():
+            meters[name].update(value, step)
+        progress.log(i, step, meters["loss"], lr=lr, tau=tau)
+        step += 1
+    meters["loss"].check()
+    row = {name: m.global_avg() for name, m in meters.items()}
+    return step, {**row, "lr": lr, "tau": tau, **progress.stats()}
+
+
+def main():
+    # ----- config and distributed setup -----
+    cfg = config.parse(Config, description=__doc__.splitlines()[0])
+    check(cfg)
+    ctx = dist.setup(cfg.device)
+    batch_per_rank = dist.per_rank(cfg.batch_size, ctx.world_size)
+    log.start(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+
+    # ----- data: K views of every image from one recipe (Table 9) -----
+    size = data.image_size(cfg)
+    channels_last = models.use_channels_last(cfg.arch, ctx.device)
+    view_maker = augment.ViewMaker([msbreg_recipe(size, cfg.crop_min)], cfg.num_views, ctx.device, cfg.aug_device,
+                                   cfg.dataset, cfg.compile, channels_last)
+    dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", view_maker.transform, cfg.download,
+                                 class_list=cfg.class_list)
+    loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
+    steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     class_list=cfg.class_list) if cfg.eval_every else None
+
+    # ----- model: online network (DDP) and its EMA target -----
+    model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)
+    # The target is a copy taken after DDP has broadcast rank 0's weights; it never gets gradients or DDP.
+    target = MSBRegNet(copy.deepcopy(model.backbone), copy.deepcopy(model.projector)).requires_grad_(False)
+    print0(f"{note}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, heads "
+           f"{(models.count_params(model.projector) + models.count_params(model.predictor)) / 1e6:.2f}M; "
+           f"K = {cfg.num_views} views; {len(dataset)} images, {steps_per_epoch} steps/epoch")
+
+    # ----- optimizer and schedules (lr and tau are set every step in train_one_epoch) -----
+    groups = optim.param_groups(model, cfg.weight_decay, exclude_bias_norm=True)  # Sec. 7.1: as BYOL
+    optimizer = optim.build_optimizer("lars", groups, lr=0.0)
+    scaler = optim.grad_scaler(cfg.amp, ctx.device)
+
+    # ----- resume -----
+    start_epoch, step = 0, 0
+    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
+    if path:
+        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, teacher=target,
+                                                        optimizer=optimizer, scaler=scaler)
+        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+
+    # ----- epoch loop: train, log, evaluate, checkpoint -----
+    for epoch in range(start_epoch, cfg.epochs):
+        data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
+        step, row = train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx, epoch,
+                                    step, cfg.epochs * steps_per_epoch)
+        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            dist.broadcast_buffers(target)  # the target is outside DDP: evaluate with rank 0's BN statistics
+            acc = knn.evaluate(target.backbone, ks=(5, 20, 200))  # Table 1 reports 5-NN, Table 4 20/200-NN
+            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
+        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              model=model, teacher=target, optimizer=optimizer, scaler=scaler)
+
+    # ----- cleanup: the online backbone is the representation (BYOL Sec. 3.1) -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    config.run(main)
