@@ -228,7 +228,7 @@ def main():
 
     # ----- optimizer and schedules (lr is set every step in train_one_epoch, wd stays constant) -----
     groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
-    optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0, fused=ctx.device.type == "cuda",
+    optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0,
                                       lars_eta=cfg.lars_eta, lars_clip=cfg.lars_clip)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 

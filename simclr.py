@@ -178,7 +178,7 @@ def main():
 
     # ----- optimizer and schedules (lr, wd are set every step in train_one_epoch) -----
     groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
-    optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0, fused=ctx.device.type == "cuda")
+    optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 
     # ----- resume -----
