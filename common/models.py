@@ -65,6 +65,8 @@ def build_model(name, image_size=224, patch_size=16, cifar_stem=None, zero_init_
                       zero_init_residual=zero_init_residual)
     if num_heads:
         spec["num_heads"] = num_heads
+    if spec["embed_dim"] % spec["num_heads"]:
+        raise ConfigError(f"{name} has width {spec['embed_dim']}, not divisible by num_heads={spec['num_heads']}")
     if image_size % patch_size:
         raise ConfigError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
     return VisionTransformer(img_size=image_size, patch_size=patch_size,
