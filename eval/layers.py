@@ -19,13 +19,22 @@ def report(title, layers, rows, plot_path=""):
         plot(title, layers, rows, plot_path)
 
 
-def plot(title, layers, rows, path):
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or a clear error (it is not a requirement of this repository)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("plotting needs matplotlib (pip install matplotlib), or leave out --plot") from None
+        raise ConfigError("plotting needs matplotlib (pip install matplotlib); the JSON files are written already, "
+                          "or leave out the plot option") from None
+    return plt
+
+
+def plot(title, layers, rows, path):
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:  # first, so a missing matplotlib loses no result
+        json.dump({"title": title, "layers": layers, "rows": rows}, f, indent=1)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in rows[0]:
         ax.plot(layers, [r[name] for r in rows], marker="o", label=name)
@@ -35,6 +44,4 @@ def plot(title, layers, rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"title": title, "layers": layers, "rows": rows}, f, indent=1)
     print0(f"wrote {path}")
