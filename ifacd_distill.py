@@ -10,6 +10,9 @@ A frozen teacher (trained first by this script with `--distill none`) supervises
          to the teacher's width, then a projector shared by the teacher layers (the student has its own) to 128-d;
          SupCon 'all' without labels over the (B, 1 + n, 128) views: the views of an image are positives of each
          other, every view of every other image is a negative (METHODS.md section 8).
+- hint, attention, similarity, correlation, vid, rkd, pkt, nst: the slides' other baselines, RepDistiller's FitNet,
+         AT, SP, CC, VID, RKD, PKT and NST (METHODS.md section 9): their losses and small modules are in
+         distill_losses.py, with the choice of features each one reads (`build_head`, `baseline_loss`).
 - none:  the model trains alone with CE: this is how teachers (and the "student vanilla" row) are made.
 
 Reproduces the S000 CIFAR-100 table (top-1 of the last epoch; six teacher -> student pairs; configs in
@@ -17,19 +20,23 @@ configs/ifacd_distill/, runner scripts/run_table.py). Recipe of the authors' Rep
 SGD Nesterov momentum 0.9, lr 0.05 at batch 64, wd 5e-4 (not on biases/BN), 240 epochs, x0.1 after 150/180/210,
 RandomCrop(32, 4) + flip, tau 0.07, feature dim 128. The test set is evaluated exactly (every image once, over ranks).
 Known deviations
-- gamma (the weight of L_method) is not given in S000 and the fork has no run script: the configs use 0.8 for crd and
-  ifacd (RepDistiller's CRD weight), marked as a guess in each YAML.
+- gamma (the weight of L_method) is not given in S000 and the fork has no run script: the configs use RepDistiller's
+  weight b of each method (crd 0.8, hint 100, attention 1000, similarity 3000, correlation 0.02, vid 1, rkd 1,
+  pkt 30000, nst 50) and 0.8 for ifacd, marked as a guess in each YAML.
 - Multi-GPU runs are exact for the losses (IFACD gathers all views with gradient; CRD updates the banks with the whole
   global batch and fixes Z with the mean over ranks) but BN statistics are per GPU unless --sync_bn (CUDA only).
   The paper setting is one GPU with batch 64.
 - CRD negatives are drawn with torch's RNG (not numpy's) so that a resumed run is bit-exact.
+- The eight baselines follow RepDistiller's code where it differs from their papers (CC, AT's squared difference);
+  distill_losses.py names the few places where it differs from that code (none changes a loss beyond rounding).
 - RepDistiller's own recipe (plain SGD, wd on every parameter) is `--nesterov false --exclude_bias_norm false`.
 - lr is given at batch 64 and scaled linearly with batch_size (RepDistiller keeps 0.05 whatever the batch; the fork
   uses 0.2 x B/256); the two agree at the paper's batch 64.
 - Peak memory (log.jsonl peak_mem_gb on CUDA: max_memory_allocated during the epoch, as the slides report GPU memory;
   peak_rss_gb on the CPU, which also holds the whole dataset and torch itself: compare methods, not with the slides).
 Checkpoint: `model` = student (keys `student.*`, RepDistiller's parameter names) + trainable distillation heads
-(`heads.*`: CRD embeddings, IFACD rescalers and projectors); `loss_state` = CRD's banks and Z (empty otherwise).
+(`heads.*`: CRD/CC embeddings, IFACD rescalers and projectors, FitNet/VID regressors); `loss_state` = CRD's banks
+and Z (empty otherwise).
 
 Run
     python ifacd_distill.py --config configs/ifacd_distill/vanilla_wrn_40_2.yaml                 # teacher, 1 GPU
@@ -37,7 +44,7 @@ Run
     torchrun --standalone --nproc_per_node=4 ifacd_distill.py --config configs/ifacd_distill/vgg13-vgg8_crd.yaml
     python ifacd_distill.py --dataset fake --distill none --student resnet8 --epochs 1 --max_steps_per_epoch 2 \
         --device cpu                                                                             # CPU smoke run
-    python scripts/run_table.py --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2               # the whole table
+    python scripts/run_table.py --seeds 0 1 2                             # the whole table: every method, all pairs
 """
 import math
 import os
@@ -48,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import distill_losses as L
 from common import augment, checkpoint, config, data, dist, log, optim, schedules
 from common.cifar_models import CIFAR_MODELS, build_cifar_model, feature_shapes
 from common.config import ConfigError, arg
@@ -56,7 +64,8 @@ from common.log import print0
 MEAN_STD = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # RepDistiller dataset/cifar100.py
             "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fake": 10}
-METHODS = ("none", "kd", "crd", "ifacd")
+METHODS = ("none", "kd", "crd", "ifacd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst")
+HEADS_COUNTED_TWICE = ("crd", "ifacd")  # in both module_list and criterion_list of RepDistiller/the fork (section 10)
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ class Config:
     data_dir: str = arg("./data", "dataset root (holds cifar-100-python / cifar-10-batches-py)")
     download: bool = arg(True, "download CIFAR through torchvision if missing")
     # models
-    distill: str = arg("ifacd", "none (train alone: teachers), kd, crd or ifacd", choices=METHODS)
+    distill: str = arg("ifacd", "none (train alone: teachers), kd, crd, ifacd or a RepDistiller baseline",
+                       choices=METHODS)
     student: str = arg("wrn_16_2", "the model trained", choices=tuple(CIFAR_MODELS))
     teacher: str = arg("wrn_40_2", "the frozen teacher's architecture (unused with distill none)",
                        choices=tuple(CIFAR_MODELS))
@@ -74,13 +84,15 @@ class Config:
     # loss
     alpha: float = arg(1.0, "weight of the cross-entropy (S000: 1)")
     beta: float = arg(1.0, "weight of KL(teacher || student) at kd_temperature (S000: 1; ignored with distill none)")
-    gamma: float = arg(0.8, "weight of the method's term (crd, ifacd); not in S000: 0.8 = RepDistiller's CRD weight")
+    gamma: float = arg(0.8, "weight of the method's term; not in S000: the configs use RepDistiller's (crd 0.8, hint "
+                            "100, attention 1000, similarity 3000, correlation 0.02, vid 1, rkd 1, pkt 3e4, nst 50)")
     kd_temperature: float = arg(4.0, "KD softmax temperature T (Hinton; RepDistiller: 4)")
     nce_temperature: float = arg(0.07, "temperature of CRD's NCE and IFACD's contrastive loss (fork: nce_t 0.07)")
-    feat_dim: int = arg(128, "CRD embedding / IFACD projection width (fork: 128)")
+    feat_dim: int = arg(128, "CRD and CC embedding / IFACD projection width (RepDistiller and the fork: 128)")
     ifacd_layers: int = arg(2, "IFACD: teacher layers taken from the end of the last stage (slides: ifacd1/2/3)")
     crd_negatives: int = arg(16384, "CRD: other-class negatives per anchor (RepDistiller nce_k: 16384)")
     crd_momentum: float = arg(0.5, "CRD: memory-bank momentum (RepDistiller nce_m: 0.5)")
+    hint_layer: int = arg(2, "FitNet: the stage (0 = stem) whose output is regressed (RepDistiller hint_layer: 2)")
     sync_bn: bool = arg(False, "SyncBN across GPUs (the paper trains on one GPU); ignored on the CPU")
     # optimisation
     lr: float = arg(0.05, "learning rate at batch 64, scaled linearly with batch_size (S000/RepDistiller: 0.05)")
@@ -217,9 +229,11 @@ class IFACDHead(nn.Module):
 
 def build_heads(cfg, student, teacher):
     """The trainable distillation modules of cfg.distill, sized by a probe forward of both models; None if none."""
-    if cfg.distill not in ("crd", "ifacd"):
+    if cfg.distill in ("none", "kd"):
         return None
     s, t = feature_shapes(student), feature_shapes(teacher)
+    if cfg.distill in L.BASELINES:  # FitNet's regressor, CC's embeddings, VID's regressors; None for the others
+        return L.build_head(cfg.distill, s, t, cfg.feat_dim, cfg.hint_layer)
     if cfg.distill == "crd":
         return CRDEmbed(s.pooled[1], t.pooled[1], cfg.feat_dim)
     if not 1 <= cfg.ifacd_layers <= len(t.last_stage):
@@ -242,12 +256,15 @@ class Distiller(nn.Module):
         return s, (self.heads(s, t) if self.heads is not None else None)
 
 
-def distill_term(cfg, z, memory, idx, neg_idx):
-    """L_method, the loss the slides weight by gamma: 0 for none and kd (KD's term is the beta * KL term)."""
+def distill_term(cfg, s, t, z, memory, idx, neg_idx):
+    """L_method, the loss the slides weight by gamma, in float32: 0 for none and kd (KD's term is the beta * KL
+    term). s, t: the student's and the teacher's Features; z: the heads' output (None without heads)."""
     if cfg.distill == "crd":
         return crd_loss(z[0].float(), z[1].float(), memory, idx, neg_idx, cfg.nce_temperature)
     if cfg.distill == "ifacd":
         return ifacd_loss(z.float(), cfg.nce_temperature)
+    if cfg.distill in L.BASELINES:  # distill_losses.baseline_loss: RepDistiller's features for each of them
+        return L.baseline_loss(cfg.distill, s, t, z)
     return torch.zeros((), device=idx.device)
 
 
@@ -324,7 +341,7 @@ def train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, 
         # losses in float32 (bf16/fp16 softmax, exp and normalisation are not safe)
         ce = F.cross_entropy(s.logits.float(), y)
         kl = kd_loss(s.logits.float(), t.logits.float(), cfg.kd_temperature) if t is not None else zero
-        term = distill_term(cfg, z, memory, idx, neg_idx)
+        term = distill_term(cfg, s, t, z, memory, idx, neg_idx)
         loss = cfg.alpha * ce + cfg.beta * kl + cfg.gamma * term  # S000: alpha CE + beta KL + gamma L_method
         optim.step(loss, optimizer, scaler)
         if cfg.distill == "crd":  # CRD updates the banks after scoring, with every rank's samples
@@ -349,15 +366,17 @@ def evaluate(model, loader, ctx):
     return 100.0 * correct / total
 
 
-def param_counts(model, teacher):
-    """(trainable: student + heads once, slides: teacher + student + heads twice). S000's 'Number of Parameters'
-    counts every module of RepDistiller's `module_list` plus `criterion_list`, so heads registered in both count
-    twice (METHODS.md section 10); the slides' figure is printed beside ours for comparison."""
+def param_counts(model, teacher, method):
+    """(trainable: student + heads once, slides: teacher + student + heads as S000 counts them). S000's 'Number of
+    Parameters' counts every module of RepDistiller's `module_list` plus `criterion_list`, so the heads registered
+    in both (CRD's embeddings, IFACD's heads) count twice, the others (FitNet's regressor and CC's embeddings in
+    module_list, VID's in criterion_list) once (METHODS.md section 10); printed beside ours for comparison."""
     def count(module):
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     heads = count(model.heads)
-    return count(model.student) + heads, count(teacher) + count(model.student) + 2 * heads
+    twice = 2 if method in HEADS_COUNTED_TWICE else 1
+    return count(model.student) + heads, count(teacher) + count(model.student) + twice * heads
 
 
 def main():
@@ -388,11 +407,12 @@ def main():
                                           cfg.compile, channels_last=ctx.device.type == "cuda")
     crd = cfg.distill == "crd"
     memory = (CRDMemory(len(train_set), cfg.feat_dim, cfg.crd_momentum) if crd else nn.Module()).to(ctx.device)
-    params, params_slides = param_counts(model, teacher)
+    params, params_slides = param_counts(model, teacher, cfg.distill)
     what = f"{cfg.distill}: {cfg.teacher} -> {cfg.student}" if teacher else f"{cfg.student} trained alone"
     print0(f"{note}; {what}; parameters: "
            f"{params / 1e6:.3f}M trainable (student + heads, counted once), {params_slides / 1e6:.2f}M as the slides "
-           f"count them (teacher + student + 2 x heads); {len(train_set)} images, {steps_per_epoch} steps/epoch")
+           f"count them (teacher + student + heads, crd/ifacd heads twice); {len(train_set)} images, "
+           f"{steps_per_epoch} steps/epoch")
 
     # ----- optimizer and schedule (the lr is set every epoch in train_one_epoch) -----
     peak_lr = cfg.lr * cfg.batch_size / 64  # 0.05 at batch 64 (the fork: 0.2 x B / 256); linear scaling otherwise

@@ -1,14 +1,16 @@
-"""Reproduce rows of the IFACD slides' CIFAR-100 table (S000) with ifacd_distill.py.
+"""Reproduce the IFACD slides' CIFAR-100 table (S000), all of it or some rows, with ifacd_distill.py.
 
 Trains every teacher the requested pairs need once (configs/ifacd_distill/vanilla_<teacher>.yaml, seed 0), then runs
 each (method, pair, seed) and writes OUT/results.csv (one line per run: last-epoch and best test top-1) and
 OUT/results.md (mean +- std over seeds of the last-epoch top-1, the slides' number beside it). A run whose last.pt
 reached its final epoch is skipped; an unfinished one is relaunched and resumes on its own (auto-resume).
 
-    python scripts/run_table.py --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2 --nproc 1
+    python scripts/run_table.py --seeds 0 1 2 --nproc 1                      # the whole table: every row, six pairs
+    python scripts/run_table.py --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2              # some rows
     python scripts/run_table.py --methods student ifacd2 --pairs resnet56-resnet20 --dry_run   # print the commands
     python scripts/run_table.py --methods kd --seeds 0 -- --data_dir /data --num_workers 4      # flags for every run
-Methods: `teacher` and `student` (the vanilla rows), or any configs/ifacd_distill/<teacher>-<student>_<method>.yaml.
+Methods: `teacher` and `student` (the vanilla rows), or any configs/ifacd_distill/<teacher>-<student>_<method>.yaml
+(the table's: kd, hint, attention, similarity, correlation, vid, rkd, pkt, nst, crd, ifacd1, ifacd2, ifacd3).
 This script only launches processes and reads their log.jsonl; it never imports torch unless a last.pt exists.
 """
 import argparse
@@ -23,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "ifacd_distill")
 PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
          "resnet110-resnet20"]
-# S000 top-1 (%), column order = PAIRS (METHODS.md section 8; the slides' own "Average" cells are not repeated).
+# S000 top-1 (%), column order = PAIRS, rows in the slides' order (METHODS.md section 8; the slides' own "Average"
+# cells are not repeated: two of them are not the row means).
 SLIDES = {
     "teacher": [76.32, 76.32, 74.18, 72.79, 78.36, 73.76], "student": [71.12, 72.89, 70.16, 69, 72.21, 69],
     "kd": [75.77, 74.27, 72.63, 71.53, 75.34, 71.28], "hint": [75.09, 73.88, 73.95, 70.32, 75.05, 70.28],
@@ -38,7 +41,8 @@ SLIDES = {
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["kd", "crd", "ifacd1", "ifacd2", "ifacd3"])
+    p.add_argument("--methods", nargs="+", default=[m for m in SLIDES if m != "teacher"],
+                   help="rows to run (default: the whole table; the teachers are always trained)")
     p.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun --nproc_per_node)")

@@ -18,9 +18,14 @@ import ifacd_distill as M
 
 PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
          "resnet110-resnet20"]
-# S000 'Number of Parameters' (millions; the slides count the heads twice, METHODS.md section 10).
+# S000 'Number of Parameters', every row (millions; teacher + student + heads, CRD's and IFACD's heads twice,
+# METHODS.md section 10). AT, NST, PKT, RKD and SP own no parameters: their rows equal kd's.
 SLIDES_PARAMS = {"kd": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01], "crd": [3.02, 2.87, 13.69, 1.17, 8.80, 2.05],
-                 "ifacd1": [3.06, 2.91, 14.22, 1.18, 8.93, 2.06], "ifacd2": [3.09, 2.94, 14.75, 1.19, 9.07, 2.07]}
+                 "ifacd1": [3.06, 2.91, 14.22, 1.18, 8.93, 2.06], "ifacd2": [3.09, 2.94, 14.75, 1.19, 9.07, 2.07],
+                 "hint": [2.96, 2.83, 13.49, 1.14, 8.68, 2.02], "correlation": [2.99, 2.85, 13.56, 1.16, 8.73, 2.03],
+                 "vid": [3.02, 2.88, 15.25, 1.16, 8.93, 2.03], "attention": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01],
+                 "nst": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01], "pkt": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01],
+                 "rkd": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01], "similarity": [2.96, 2.82, 13.43, 1.14, 8.67, 2.01]}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -150,19 +155,20 @@ def test_crd_sampler_draws_other_class_negatives():
 # ------------------------------------- heads and the slides' parameter table -------------------------------------
 
 def test_parameter_counts_reproduce_the_slides_table():
-    """kd, crd, ifacd1, ifacd2 rows of S000's 'Number of Parameters', counted as the slides do (heads twice);
-    counted once, IFACD1 on wrn_40_2 -> wrn_16_2 is 3.01M (METHODS.md section 10)."""
+    """Every row of S000's 'Number of Parameters', counted as the slides do (CRD's and IFACD's heads twice, FitNet's
+    regressor, CC's embeddings and VID's regressors once); counted once, IFACD1 on wrn_40_2 -> wrn_16_2 is 3.01M and
+    CRD 2.99M (METHODS.md section 10)."""
     for col, pair in enumerate(PAIRS):
         t_name, s_name = pair.split("-")
         teacher, student = build_cifar_model(t_name), build_cifar_model(s_name)
-        for row, argv in (("kd", ["--distill", "kd"]), ("crd", ["--distill", "crd"]),
-                          ("ifacd1", ["--distill", "ifacd", "--ifacd_layers", "1"]),
-                          ("ifacd2", ["--distill", "ifacd", "--ifacd_layers", "2"])):
-            cfg = cfg_of(*argv, "--teacher", t_name, "--student", s_name)
-            ours, slides = M.param_counts(M.Distiller(student, M.build_heads(cfg, student, teacher)), teacher)
+        for row in SLIDES_PARAMS:
+            method, layers = ("ifacd", row[-1]) if row.startswith("ifacd") else (row, "2")
+            cfg = cfg_of("--distill", method, "--ifacd_layers", layers, "--teacher", t_name, "--student", s_name)
+            ours, slides = M.param_counts(M.Distiller(student, M.build_heads(cfg, student, teacher)), teacher, method)
             assert round(slides / 1e6, 2) == SLIDES_PARAMS[row][col], (row, pair, slides)
-            if (row, pair) == ("ifacd1", PAIRS[0]):
-                assert round((ours + sum(p.numel() for p in teacher.parameters())) / 1e6, 2) == 3.01
+            if pair == PAIRS[0] and row in ("ifacd1", "crd"):
+                once = (ours + sum(p.numel() for p in teacher.parameters())) / 1e6
+                assert round(once, 2) == {"ifacd1": 3.01, "crd": 2.99}[row], (row, once)
 
 
 def test_ifacd_head_picks_the_last_teacher_layers():
@@ -295,6 +301,8 @@ def test_crd_banks_and_z_stay_equal_across_ranks(tmp_path):
     (["--distill", "kd", "--teacher", "resnet20", "--teacher_ckpt", "BARE"], "does not fit resnet20"),
     (["--distill", "ifacd", "--teacher", "resnet14", "--teacher_ckpt", "TEACHER", "--ifacd_layers", "5"],
      "resnet14 has 4 ReLU outputs"),
+    (["--distill", "hint", "--teacher", "resnet14", "--teacher_ckpt", "TEACHER", "--hint_layer", "7"],
+     "hint_layer=7: choose 0..3"),
 ])
 def test_bad_input_is_one_clear_line(process_group, cifar_root, teacher_ckpt, tmp_path, monkeypatch, capsys,
                                      extra, message):
@@ -356,3 +364,35 @@ def test_run_table_dry_run_and_summary(tmp_path):
     assert "| student | 69.50 ± 0.71 (n=2) [slides 69] | 69.50 ± 0.71 (n=2) [slides 69] |" in table
     assert "| teacher | 72.00 ± 0.00 (n=1) [slides 72.79] |" in table
     assert len(open(os.path.join(root, "results.csv")).read().splitlines()) == 1 + 8
+
+
+TABLE_ROWS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst", "crd", "ifacd1",
+              "ifacd2", "ifacd3"]
+REPDISTILLER_B = {"crd": 0.8, "hint": 100, "attention": 1000, "similarity": 3000, "correlation": 0.02, "vid": 1,
+                  "rkd": 1, "pkt": 30000, "nst": 50}  # RepDistiller scripts/run_cifar_distill.sh -b (section 9)
+
+
+def test_every_cell_of_the_table_has_a_config():
+    """Six pairs x 13 method rows: each YAML parses, names its pair and method, keeps S000's alpha = beta = 1, and
+    weighs the RepDistiller methods with RepDistiller's b."""
+    for pair in PAIRS:
+        t_name, s_name = pair.split("-")
+        for row in TABLE_ROWS:
+            cfg = cfg_of("--config", os.path.join(ROOT, "configs", "ifacd_distill", f"{pair}_{row}.yaml"))
+            method = "ifacd" if row.startswith("ifacd") else row
+            assert (cfg.teacher, cfg.student, cfg.distill) == (t_name, s_name, method), (pair, row)
+            assert cfg.alpha == cfg.beta == 1 and cfg.output_dir.endswith(f"{pair}_{row}")
+            assert cfg.teacher_ckpt == f"out/ifacd_distill/vanilla_{t_name}/last.pt"
+            if method in REPDISTILLER_B:
+                assert cfg.gamma == REPDISTILLER_B[method], (pair, row)
+            if method == "ifacd":
+                assert cfg.ifacd_layers == int(row[-1])
+
+
+def test_run_table_defaults_to_the_whole_table(tmp_path):
+    commands = [c for c in run_table("--seeds", "0", "--out_root", str(tmp_path), "--dry_run").splitlines()
+                if "ifacd_distill.py" in c]
+    # 5 teachers, 5 vanilla students (resnet20 serves two pairs), 13 rows x 6 pairs
+    assert len(commands) == 5 + 5 + 13 * 6
+    for row in TABLE_ROWS:
+        assert sum(f"_{row}.yaml" in c for c in commands) == 6, row
