@@ -32,7 +32,7 @@ Known deviations and choices
   backbone (the student's for SimCLR).
 
 Run
-    torchrun --standalone --nproc_per_node=8 sdssl.py --arch vit_small --data_dir /data/imagenet       # SD-MoCo v3, S/16
+    torchrun --standalone --nproc_per_node=8 sdssl.py --arch vit_small --data_dir /data/imagenet      # SD-MoCo v3, S/16
     torchrun --standalone --nproc_per_node=8 sdssl.py --config configs/sdssl/byol_vit_b16.yaml --data_dir DIR
     python sdssl.py --dataset fake --arch vit_debug --patch_size 8 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 \
         --device cpu --proj_hidden_dim 64 --isd_hidden_dim 32 --pred_hidden_dim 64 --proj_dim 32
@@ -111,10 +111,12 @@ class Config:
 # =============================== method: per-layer heads, student, teacher, losses ===============================
 
 class BatchedMLP(nn.Module):
-    """`heads` MLPs of the same shape evaluated together: x (heads, n, in) -> (heads, n, out), one bmm per layer.
-    Each head is models.mlp's layout without biases (MoCo v3's _build_mlp): Linear -> BN -> ReLU, ..., Linear
-    (-> affine-free BN if last_norm). BN runs on (n, heads * dim), i.e. per head and feature over the batch, so it is
-    exactly the separate heads' BN and SyncBN conversion still applies."""
+    """`heads` MLPs of the same shape evaluated together: x (heads, rows, in) -> (heads, rows, out), one bmm per
+    layer. Each head is models.mlp's layout without biases (MoCo v3's _build_mlp): Linear -> BN -> ReLU, ...,
+    Linear (-> affine-free BN if last_norm). The rows are `groups` equal blocks (the two views, and their detached
+    copies for L_pred) that share the weights, so each weight is read once per step instead of once per block,
+    but get their own BN statistics, exactly as separate passes would. BN runs on (n, heads * dim), i.e. per head
+    and feature over a block's n rows, so it is the separate heads' BN and SyncBN conversion still applies."""
 
     def __init__(self, heads, in_dim, hidden_dim, out_dim, num_layers, last_norm=True):
         super().__init__()
@@ -126,12 +128,14 @@ class BatchedMLP(nn.Module):
         if last_norm:
             self.norms.append(nn.BatchNorm1d(heads * out_dim, affine=False))
 
-    def forward(self, x):
+    def forward(self, x, groups=1):
         for i, w in enumerate(self.weights):
-            x = torch.bmm(x, w)  # (heads, n, d_out)
+            x = torch.bmm(x, w)  # (heads, rows, d_out): all groups at once
             if i < len(self.norms):
-                h, n, d = x.shape
-                x = self.norms[i](x.transpose(0, 1).reshape(n, h * d)).view(n, h, d).transpose(0, 1)
+                h, rows, d = x.shape
+                n = rows // groups
+                x = torch.cat([self.norms[i](x[:, g * n:(g + 1) * n].transpose(0, 1).reshape(n, h * d))
+                               .view(n, h, d).transpose(0, 1) for g in range(groups)], dim=1)
             if i < len(self.weights) - 1:
                 x = F.relu(x)
         return x
@@ -166,29 +170,32 @@ class SDSSL(nn.Module):
         stages = self.backbone.forward_stages(x)
         return [s.mean(dim=(2, 3)) for s in [stages[l - 1] for l in self.layers] + [stages[-1]]]
 
-    def project(self, feats):
-        h_last = self.projector(feats[-1])[None]  # (1, n, D)
-        if not self.layers:
-            return h_last
-        if isinstance(self.isd_projector, BatchedMLP):
-            h = self.isd_projector(torch.stack(feats[:-1]))  # (K-1, n, D) in one batched pass
-        else:  # ResNet stages have different widths: one head each; or 'none': the CLS itself
-            h = torch.stack([head(f) for head, f in zip(self.isd_projector, feats[:-1])])
-        return torch.cat([h, h_last])  # (K, n, D)
-
-    def predict(self, h):
-        q_last = self.predictor(h[-1])[None]  # (1, n, D)
-        return torch.cat([self.isd_predictor(h[:-1]), q_last]) if self.layers else q_last
-
     def forward(self, views):
-        outputs = []
-        for x in views:  # each view in its own pass: BN statistics per view, as MoCo v3 / BYOL
-            h = self.project(self.layer_features(x))
-            if self.predictor is None:
-                outputs.append((h, None, None))
-            else:
-                outputs.append((h, self.predict(h), self.predict(h.detach()) if self.pred_loss else None))
-        return outputs
+        """views: [(n, 3, H, W)] -> per view (h, q, q_pred). The backbone and the last layer's heads see one view
+        at a time (BN statistics per view, as MoCo v3 / BYOL); the batched intermediate heads take every view (and,
+        for L_pred, the detached copies) in one pass, with per-view BN statistics."""
+        feats = [self.layer_features(x) for x in views]  # per view: [(n, d_l)] intermediate layers, then the last
+        v, n, pred = len(views), views[0].shape[0], self.predictor is not None
+        h_last = [self.projector(f[-1]) for f in feats]  # per view (n, D)
+        q_last = [self.predictor(h) if pred else None for h in h_last]
+        qp_last = [self.predictor(h.detach()) if pred and self.pred_loss else None for h in h_last]
+        h_isd = q_isd = qp_isd = None
+        if self.layers and isinstance(self.isd_projector, BatchedMLP):
+            x = torch.cat([torch.stack(f[:-1]) for f in feats], dim=1)  # (K-1, v*n, d): the views side by side
+            h_isd = self.isd_projector(x, groups=v)  # (K-1, v*n, D)
+        elif self.layers:  # one head per layer (ResNet stages differ in width; 'none' = the CLS), view by view
+            h_isd = torch.stack([torch.cat([head(f[j]) for f in feats]) for j, head in enumerate(self.isd_projector)])
+        if self.layers and pred:  # one pass of the predictors over h and, for L_pred, sg h: (K-1, 2*v*n, D)
+            inputs = torch.cat([h_isd, h_isd.detach()], dim=1) if self.pred_loss else h_isd
+            q = self.isd_predictor(inputs, groups=2 * v if self.pred_loss else v)
+            q_isd, qp_isd = q.chunk(2, dim=1) if self.pred_loss else (q, None)
+
+        def view_rows(isd, last, i):  # view i's (K-1, n, D) block and its last layer (n, D) -> (K, n, D)
+            if last is None:
+                return None
+            return last[None] if isd is None else torch.cat([isd[:, i * n:(i + 1) * n], last[None]])
+        return [(view_rows(h_isd, h_last[i], i), view_rows(q_isd, q_last[i], i), view_rows(qp_isd, qp_last[i], i))
+                for i in range(v)]
 
 
 def build_heads(cfg, backbone, layers):
@@ -250,7 +257,8 @@ def contrastive_loss(q, k, temperature, num_layers=1):
 
 
 def regression_loss(p, z, num_layers=1):
-    """BYOL's L_ssl (Eq. 1): mean over rows of 2 - 2 cos(p, sg z). p (num_layers * n, D), z (n, D) repeated per layer."""
+    """BYOL's L_ssl (Eq. 1): mean over rows of 2 - 2 cos(p, sg z). p (num_layers * n, D); z (n, D), repeated per
+    layer."""
     p, z = F.normalize(p, dim=1), F.normalize(z.detach(), dim=1)
     return (2 - 2 * (p * z.repeat(num_layers, 1)).sum(dim=1)).mean()
 
@@ -309,7 +317,8 @@ def train_one_epoch(model_ddp, views, model, teacher, loader, optimizer, scaler,
         lr = schedules.cosine(step, total_steps, peak_lr, warmup_steps=cfg.warmup_epochs * progress.total)
         optim.set_lr_wd(optimizer, lr)
         # Sec. 4.1: alpha follows a cosine ramp from 0 (cosine_scheduler(0, ratio) per iteration in the authors' code).
-        alpha = cfg.alpha_max if cfg.alpha_schedule == "constant" else schedules.ramp_up(step, total_steps, cfg.alpha_max)
+        alpha = (cfg.alpha_max if cfg.alpha_schedule == "constant"
+                 else schedules.ramp_up(step, total_steps, cfg.alpha_max))
         x1, x2 = views(images)  # (n, 3, H, W) each, on the device
         with optim.autocast(cfg.amp, ctx.device):
             student_out = model_ddp([x1, x2])  # per view (h, q, q_pred), each (K, n, D)

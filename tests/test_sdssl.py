@@ -78,7 +78,10 @@ def test_no_gradient_reaches_the_targets(process_group):
 
 # ----- heads -----
 
-def test_batched_heads_equal_a_loop_of_separate_heads():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batched_heads_equal_a_loop_of_separate_heads(groups):
+    """One batched pass over `groups` blocks of rows (the views) = each head applied to each block separately
+    (BN statistics per block), in value and in the gradients of the inputs and weights."""
     torch.manual_seed(0)
     heads, n = 3, 6
     batched = sdssl.BatchedMLP(heads, 8, 16, 4, num_layers=3, last_norm=True).double()
@@ -95,9 +98,10 @@ def test_batched_heads_equal_a_loop_of_separate_heads():
                 norm.bias[h * d:(h + 1) * d].uniform_(-0.5, 0.5)
                 bn.weight.copy_(norm.weight[h * d:(h + 1) * d])
                 bn.bias.copy_(norm.bias[h * d:(h + 1) * d])
-    x = torch.randn(heads, n, 8, dtype=torch.float64, requires_grad=True)
-    out_b = batched(x)
-    out_l = torch.stack([m(x[h]) for h, m in enumerate(loop)])
+    x = torch.randn(heads, groups * n, 8, dtype=torch.float64, requires_grad=True)
+    out_b = batched(x, groups=groups)
+    out_l = torch.stack([torch.cat([m(x[h, g * n:(g + 1) * n]) for g in range(groups)])
+                         for h, m in enumerate(loop)])
     torch.testing.assert_close(out_b, out_l, rtol=0, atol=1e-10)
     g = torch.randn_like(out_b)
     (gx_b,) = torch.autograd.grad(out_b, x, g, retain_graph=True)
@@ -116,7 +120,8 @@ def test_heads_layout_and_layers():
     assert model.layers == [1] and isinstance(model.isd_projector, sdssl.BatchedMLP)
     assert sdssl.isd_layers(cfg_for("--isd_every", "3"), 12) == [3, 6, 9]
     assert sdssl.isd_layers(cfg_for("--alpha_max", "0", "--pred_loss", "false"), 12) == []  # the plain method
-    byol = sdssl.SDSSL(cfg_for("--framework", "byol"), models.build_model("vit_debug", image_size=32, patch_size=8), [1])
+    vit = models.build_model("vit_debug", image_size=32, patch_size=8)
+    byol = sdssl.SDSSL(cfg_for("--framework", "byol"), vit, [1])
     assert not isinstance(byol.projector[-1], nn.BatchNorm1d) and len(byol.isd_predictor.norms) == 1  # no output BN
     h, q, qp = model([torch.randn(4, 3, 32, 32)])[0]
     assert h.shape == q.shape == qp.shape == (2, 4, 32)
