@@ -4,6 +4,8 @@
     python bench.py --script mocov3 --arch vit_small --image_size 224 --batch_size 128 --amp bf16 --mfu
     python bench.py --script simclr --data off ...                                   # loader excluded: step only
     python bench.py --augment --image_size 32 --batch_size 512                       # PIL vs batched views, per core
+    python bench.py --script sdssl --arch vit_small --image_size 224 --batch_size 16 --compare "--alpha_max 0 \
+        --pred_loss false" --repeat 3        # plain (the --compare flags) vs SD, alternating runs, prints the ratio
 
 Training mode runs the script's own main() in this process on `fake` data (random uint8 images held in memory, at
 --image_size), for a warm-up epoch and a measured epoch of --steps steps, and prints images/s, peak memory and the
@@ -12,8 +14,12 @@ the step time into data / forward+backward (everything else in the step) / optim
 of one step with torch.utils.flop_counter and divides the achieved FLOP/s by --peak_tflops. Every flag bench.py does
 not know is passed to the script (`--compile true`, `--aug_device gpu`, ...). Checkpoints go to a temporary folder.
 Numbers vary with the machine's load: run twice, and compare figures only from the same run or the same idle machine.
+On the CPU, bench.py asks glibc to keep freed memory (see keep_freed_memory; --keep_freed_memory false to measure
+without): allocation costs otherwise blur small differences between configurations.
 """
 import argparse
+import ctypes
+import dataclasses
 import importlib
 import json
 import os
@@ -62,6 +68,19 @@ def timed_optimizers(records):
     return build_timed
 
 
+def keep_freed_memory():
+    """On the CPU, glibc returns every large freed tensor to the OS and the next step page-faults it back in, which
+    slows down the steps that allocate most (about 5% on a ViT-S step here). CUDA's caching allocator keeps freed
+    blocks; this asks glibc to do the same (mallopt: no mmap threshold, no trimming). No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**62)
+        return bool(ok)
+    except OSError:
+        return False
+
+
 def sync():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -69,10 +88,10 @@ def sync():
 
 def run_script(module, args, extra, epochs, steps, out):
     """Run module.main() with the benchmark's overrides; returns the last epoch's log.jsonl row."""
-    argv = ["--dataset", "fake", "--epochs", str(epochs), "--max_steps_per_epoch", str(steps), "--eval_every", "0",
-            "--output_dir", out, "--log_every", "1000000", "--save_every", "0", "--num_workers", "0"]
-    if "--image_size" not in extra:
-        argv += ["--image_size", str(args.image_size)]
+    overrides = dict(dataset="fake", epochs=epochs, max_steps_per_epoch=steps, eval_every=0, output_dir=out,
+                     log_every=1000000, save_every=0, num_workers=0, image_size=args.image_size)
+    known = {f.name for f in dataclasses.fields(module.Config)}  # ifacd_distill.py has no image_size, say
+    argv = [a for k, v in overrides.items() if k in known and f"--{k}" not in extra for a in (f"--{k}", str(v))]
     sys.argv = [module.__name__ + ".py"] + argv + extra  # the script's own flags come last and win
     if os.path.exists(os.path.join(out, "last.pt")):
         os.remove(os.path.join(out, "last.pt"))  # a fresh run, not a resume
@@ -99,18 +118,41 @@ def bench_training(args, extra):
     step_ms = 1000 * args.batch_size / split["img_per_s"]
     opt_ms = 1000 * sum(records[-args.steps:]) / args.steps
     data_ms = split["data_frac"] * step_ms
-    mem = f"peak GPU memory {row['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in row else f"peak RSS {row['peak_rss_gb']:.2f} GB"
+    mem = (f"peak GPU memory {row['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in row
+           else f"peak RSS {row['peak_rss_gb']:.2f} GB")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.script} {' '.join(extra)} | {world} rank(s), {device}")
     print(f"  {row['img_per_s']:.1f} img/s ({1000 * args.batch_size / row['img_per_s']:.1f} ms/step), "
           f"data wait {100 * row['data_frac']:.1f}%, {mem}")
-    print(f"  instrumented step {step_ms:.1f} ms: data {data_ms:.1f} ms | forward+backward {step_ms - data_ms - opt_ms:.1f} ms"
-          f" | optimizer {opt_ms:.1f} ms")
+    print(f"  instrumented step {step_ms:.1f} ms: data {data_ms:.1f} ms | forward+backward "
+          f"{step_ms - data_ms - opt_ms:.1f} ms | optimizer {opt_ms:.1f} ms")
     if flops:
         achieved = flops / args.batch_size * row["img_per_s"] / world  # per GPU
-        print(f"  model FLOPs {flops / args.batch_size / 1e9:.2f} GFLOP/img (fwd+bwd), {achieved / 1e12:.1f} TFLOP/s per "
-              f"device" + (f", MFU {100 * achieved / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops} TFLOP/s"
-                           if args.peak_tflops else ""))
+        mfu = f", MFU {100 * achieved / (args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else ""
+        print(f"  model FLOPs {flops / args.batch_size / 1e9:.2f} GFLOP/img (fwd+bwd), {achieved / 1e12:.1f} "
+              f"TFLOP/s per device{mfu}")
+
+
+def bench_compare(args, extra):
+    """Step time of the script's flags vs the same flags + --compare, in alternating runs (so load drift on a shared
+    machine hits both alike); prints the medians and the ratio."""
+    module = importlib.import_module(args.script)
+    data.FAKE_SIZES.update(train=args.steps * args.batch_size, side=args.image_size)
+    base = extra + ["--batch_size", str(args.batch_size)]
+    variants = {"base": base, "compare": base + args.compare.split()}
+    times = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args.repeat):
+            for name, flags in variants.items():
+                row = run_script(module, args, flags, epochs=2, steps=args.steps, out=out)
+                times[name].append(1000 * args.batch_size / row["img_per_s"])
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    print(f"\n{args.script} {' '.join(base)}: step time, median of {args.repeat} alternating runs of {args.steps} "
+          f"steps")
+    for name, flags in variants.items():
+        print(f"  {name:8s} {med[name]:8.1f} ms  (runs: {', '.join(f'{t:.0f}' for t in times[name])})"
+              + (f"  [{args.compare}]" if name == "compare" else ""))
+    print(f"  ratio compare / base: {med['compare'] / med['base']:.3f}")
 
 
 def count_flops(module, args, extra, out):
@@ -124,27 +166,37 @@ def count_flops(module, args, extra, out):
 
 def bench_augment(args):
     """Two SimCLR-recipe views per image: torchvision on PIL (as a loader worker does) vs batched tensor ops, one
-    thread each, on the same images in the same run. Prints images/s per core."""
+    thread each, on the same images in the same run. Both are warmed up, timed over at least 1024 images, and
+    repeated three times in turn; the best of each is printed (images/s per core)."""
     torch.set_num_threads(1)
     recipe = augment.simclr_recipe(args.image_size, strength=0.5, blur=args.image_size > 32)
     data.FAKE_SIZES.update(train=args.batch_size, side=args.image_size)
     images = data.fake_set("train").images  # (B, S, S, 3) uint8
     pil = data.ArrayDataset(images, torch.zeros(len(images)), augment.TwoViews(augment.to_torchvision(recipe)))
-    t0 = time.perf_counter()
-    for i in range(len(pil)):
-        pil[i]
-    pil_rate = len(pil) / (time.perf_counter() - t0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     views = augment.ViewMaker([recipe], 2, device, "gpu", "fake", compiled=args.compiled_hue)
-    views(images)  # warm-up (and compilation of the hue op with --compiled_hue)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        views(images)
-    sync()
-    batched_rate = args.steps * len(images) / (time.perf_counter() - t0)
+    n_pil = max(1024, len(images))
+    calls = max(args.steps, -(-1024 // len(images)))
+
+    def time_pil():
+        t0 = time.perf_counter()
+        for i in range(n_pil):
+            pil[i % len(pil)]
+        return n_pil / (time.perf_counter() - t0)
+
+    def time_batched():
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            views(images)
+        sync()
+        return calls * len(images) / (time.perf_counter() - t0)
+
+    time_pil(), time_batched()  # warm-up (and compilation of the hue op with --compiled_hue)
+    rates = [(time_pil(), time_batched()) for _ in range(3)]
+    pil_rate, batched_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     print(f"two {args.image_size}px views, SimCLR recipe (s=0.5{', blur' if recipe.blur_p else ', no blur'}), "
-          f"batch {len(images)}, one CPU thread:")
+          f"batch {len(images)}, one CPU thread, best of 3:")
     print(f"  torchvision (PIL)       {pil_rate:9.0f} img/s per core")
     print(f"  batched on {device.type:4s}{' (compiled hue)' if args.compiled_hue else '               '}"
           f"{batched_rate:9.0f} img/s ({batched_rate / pil_rate:.1f}x)")
@@ -161,9 +213,18 @@ def main():
     parser.add_argument("--mfu", action="store_true", help="count model FLOPs and report FLOP/s (and MFU)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--compiled_hue", action="store_true", help="--augment: torch.compile the hue op")
+    parser.add_argument("--compare", default="", help="extra script flags for a second configuration, timed in "
+                                                      "alternating runs against the first (prints the ratio)")
+    parser.add_argument("--repeat", type=int, default=3, help="--compare: alternating runs per configuration")
+    parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
+                        help="CPU: keep freed memory in the process (glibc mallopt) as CUDA's allocator does")
     args, extra = parser.parse_known_args()
+    if args.keep_freed_memory == "true" and not torch.cuda.is_available():
+        print(f"glibc keeps freed memory (mallopt): {keep_freed_memory()}")
     if args.augment:
         bench_augment(args)
+    elif args.script and args.compare:
+        bench_compare(args, extra)
     elif args.script:
         bench_training(args, extra)
     else:
