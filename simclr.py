@@ -45,7 +45,8 @@ class Config:
     image_size: int = arg(0, "crop size; 0 = the dataset's (32 CIFAR, 96 STL-10, 224 ImageNet)")
     color_strength: float = arg(0.5, "colour distortion strength s (paper: 1.0 ImageNet, 0.5 CIFAR-10)")
     blur: bool = arg(False, "Gaussian blur p=0.5 (paper: on for ImageNet, off for CIFAR-10)")
-    aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)", choices=("simclr", "byol"))
+    aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)",
+                   choices=("simclr", "byol"))
     aug_device: str = arg("auto", "where views are made: cpu (torchvision in the loader workers), gpu (batched on the "
                                   "training device; in-memory datasets), auto (gpu on CUDA when possible)",
                           choices=("auto", "cpu", "gpu"))
@@ -173,8 +174,9 @@ def main():
 
     # ----- model -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)
-    print0(f"{note}; views made {'batched on ' + ctx.device.type if views.batched else 'by torchvision'}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, "
-           f"head {models.count_params(model.projector) / 1e6:.2f}M; {len(dataset)} images, {steps_per_epoch} steps/epoch")
+    where = f"batched on {ctx.device.type}" if views.batched else "by torchvision"
+    print0(f"{note}; views made {where}; backbone {models.count_params(model.backbone) / 1e6:.2f}M params, head "
+           f"{models.count_params(model.projector) / 1e6:.2f}M; {len(dataset)} images, {steps_per_epoch} steps/epoch")
 
     # ----- optimizer and schedules (lr, wd are set every step in train_one_epoch) -----
     groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)

@@ -28,7 +28,8 @@ Known deviations
   CIFAR YAMLs reproduce at their batch of 512 (0.03 x 512/256).
 
 Run
-    torchrun --standalone --nproc_per_node=8 simsiam_gsg.py --config configs/simsiam_gsg/imagenet_resnet50_simsiam_gsg.yaml --data_dir DIR
+    torchrun --standalone --nproc_per_node=8 simsiam_gsg.py \
+        --config configs/simsiam_gsg/imagenet_resnet50_simsiam_gsg.yaml --data_dir DIR
     python simsiam_gsg.py --config configs/simsiam_gsg/cifar10_resnet18_byol_gsg.yaml   # 1 GPU, downloads CIFAR-10
     python simsiam_gsg.py --dataset fake --arch resnet18 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu
 """

@@ -155,8 +155,8 @@ class ViewMaker:
             return [v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in batch]
         images = batch.to(self.device, non_blocking=True)
         hue = compiled_hue() if self.compiled else None
-        return [augment_batch(images, self.recipes[i % len(self.recipes)], hue).contiguous(memory_format=self.memory_format)
-                for i in range(self.num_views)]
+        views = [augment_batch(images, self.recipes[i % len(self.recipes)], hue) for i in range(self.num_views)]
+        return [v.contiguous(memory_format=self.memory_format) for v in views]
 
 
 @lru_cache(maxsize=1)

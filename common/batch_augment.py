@@ -48,24 +48,27 @@ def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
     return torch.stack([j, i, j + w, i + h], dim=1)
 
 
-def resized_crops(x, boxes, size):
+def resized_crops(x, boxes, size, flip=None):
     """Crop each image of (n, 3, H, W) to its box and resize to size x size, bilinear. When every crop is enlarged
     (output size >= image size: CIFAR at 32, STL-10 at 96) grid_sample gives exactly crop-then-bilinear-resize;
     otherwise roi_align averages the source pixels of each output pixel, as an antialiased resize does (it may
-    read up to half a pixel beyond the crop's edge)."""
+    read up to half a pixel beyond the crop's edge). `flip` (n,) bool mirrors those crops horizontally."""
     n, _, height, width = x.shape
     if size >= max(height, width):
         u = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # output pixel centres in [0, 1]
         x1, y1, x2, y2 = boxes[:, :, None].unbind(1)  # each (n, 1)
         # Source positions in pixel-edge units, clamped to the crop's first and last pixel centres: resizing a
         # cropped image never reads outside the crop.
+        if flip is not None:  # a mirrored crop samples its columns right to left: the flip costs nothing here
+            u = torch.where(flip[:, None], 1.0 - u, u)  # (n, size)
         px = torch.minimum(torch.maximum(x1 + u * (x2 - x1), x1 + 0.5), x2 - 0.5)  # (n, size)
         py = torch.minimum(torch.maximum(y1 + u * (y2 - y1), y1 + 0.5), y2 - 0.5)
         gx, gy = px * (2.0 / width) - 1, py * (2.0 / height) - 1  # grid_sample's [-1, 1] (align_corners=False)
         grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     rois = torch.cat([torch.arange(n, device=x.device, dtype=x.dtype)[:, None], boxes], dim=1)  # (n, 5)
-    return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out if flip is None else torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 def _grayscale(x):  # (n, 3, H, W) -> (n, 1, H, W)
@@ -153,8 +156,9 @@ def augment_batch(images, recipe, hue=None):
     `hue`: an alternative implementation of adjust_hue (the compiled one), same results."""
     n, height, width, _ = images.shape
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
-    x = resized_crops(x, crop_boxes(n, height, width, recipe.crop_scale, device=x.device), recipe.size).div_(255)
-    x = _per_image(x, recipe.flip, lambda v: v.flip(-1))
+    boxes = crop_boxes(n, height, width, recipe.crop_scale, device=x.device)
+    flip = torch.rand(n, device=x.device) < recipe.flip
+    x = resized_crops(x, boxes, recipe.size, flip).div_(255)
     if recipe.jitter_p > 0:
         x = color_jitter(x, recipe.jitter, recipe.jitter_p, hue or adjust_hue)
     x = _per_image(x, recipe.gray_p, lambda v: _grayscale(v).expand(-1, 3, -1, -1))

@@ -73,7 +73,8 @@ def backbone_state(blob, which="model"):
     if "format" not in blob:
         return blob
     if which not in blob:
-        raise ConfigError(f"the checkpoint has no '{which}' weights (it holds {sorted(k for k in blob if k in ('model', 'teacher'))})")
+        held = sorted(k for k in blob if k in ("model", "teacher"))
+        raise ConfigError(f"the checkpoint has no '{which}' weights (it holds {held})")
     state = {k[len("backbone."):]: v for k, v in blob[which].items() if k.startswith("backbone.")}
     if not state:
         raise ConfigError(f"the checkpoint's '{which}' has no backbone.* weights")
@@ -90,7 +91,8 @@ def load_backbone(path, which="model"):
     try:
         backbone.load_state_dict(backbone_state(blob, which))
     except RuntimeError as e:
-        raise ConfigError(f"the backbone weights in {path} do not fit {cfg['arch']}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"the backbone weights in {path} do not fit {cfg['arch']}: "
+                          f"{str(e).splitlines()[0]}") from None
     return backbone, cfg
 
 

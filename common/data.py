@@ -119,7 +119,9 @@ def _folder_set(root, split, transform, class_list=""):
     if class_list and not os.path.isfile(class_list):
         raise ConfigError(f"class list {class_list} does not exist")
     try:
-        return ClassSubsetFolder(path, class_list, transform) if class_list else D.ImageFolder(path, transform=transform)
+        if class_list:
+            return ClassSubsetFolder(path, class_list, transform)
+        return D.ImageFolder(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise ConfigError(f"cannot read image folder {path}: {e}") from None
 

@@ -126,7 +126,8 @@ def maybe_sync_bn(model, enabled, ctx):
 
 def ddp(model, ctx):
     """Wrap for training. Forward through the wrapper; EMA, eval and state_dict use the plain `model`."""
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def prepare(model, ctx, sync_bn, compile=False, channels_last=False):

@@ -143,7 +143,8 @@ class Progress:
         if _cuda():
             row["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
         if self.bar.disable:
-            print0(f"epoch {self.epoch} [{i + 1}/{self.total}] step {step} " + " ".join(f"{k} {v}" for k, v in row.items()))
+            fields = " ".join(f"{k} {v}" for k, v in row.items())
+            print0(f"epoch {self.epoch} [{i + 1}/{self.total}] step {step} {fields}")
         else:
             self.bar.set_postfix(row, refresh=False)
 

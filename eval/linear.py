@@ -61,7 +61,7 @@ def train_fast(heads, train_f, train_y, cfg, ctx):
 
 def train_full(heads, backbone, layers, loader, cfg, ctx):
     """The augmented protocol: every step is a fresh crop; only the heads (DDP-wrapped) learn."""
-    heads_ddp = nn.parallel.DistributedDataParallel(heads, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    heads_ddp = dist.ddp(heads, ctx)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule
     opt = torch.optim.SGD(heads.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(loader)
@@ -133,7 +133,8 @@ class Config:
     download: bool = arg(False, "download a torchvision dataset if missing")
     image_size: int = arg(0, "crop size; 0 = the checkpoint's")
     layer: str = arg("last", "last, all (one probe per ViT block) or a block number 1..depth")
-    mode: str = arg("fast", "fast (precomputed features) or full (augmented, MoCo v3 protocol)", choices=("fast", "full"))
+    mode: str = arg("fast", "fast (precomputed features) or full (augmented, MoCo v3 protocol)",
+                    choices=("fast", "full"))
     epochs: int = arg(100, "probe epochs (MoCo v3: 90, DINO: 100)")
     batch_size: int = arg(256, "global batch")
     lr: float = arg(0.1, "base lr per 256 images (MoCo v3: 0.1 ResNet, 3.0 ViT in full mode)")

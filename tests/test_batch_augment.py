@@ -25,7 +25,7 @@ def test_crop_boxes_follow_torchvision_sampling():
     n, H, W, scale = 20000, 32, 48, (0.08, 1.0)
     boxes = B.crop_boxes(n, H, W, scale)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
     assert torch.equal(w, w.round()) and torch.equal(h, h.round()) and (w >= 1).all() and (h >= 1).all()
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(1, H, W), scale, (3 / 4, 4 / 3)) for _ in range(n)],
                        dtype=torch.float32)  # (i, j, h, w)
@@ -86,7 +86,8 @@ def test_blur_and_solarize_match_torchvision():
     out = B.gaussian_blur(x.clone(), p=1.0, kernel_size=5, sigma_range=(1.3, 1.3))
     ref = torch.stack([TF.gaussian_blur(x[i], [5, 5], [1.3, 1.3]) for i in range(3)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    r = augment.Recipe(32, (1.0, 1.0), flip=0.0, jitter_p=0.0, gray_p=0.0, solarize_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    r = augment.Recipe(32, (1.0, 1.0), flip=0.0, jitter_p=0.0, gray_p=0.0, solarize_p=1.0, mean=(0, 0, 0),
+                       std=(1, 1, 1))
     img = smooth_images(2)
     ref = torch.stack([TF.to_tensor(TF.solarize(Image.fromarray(im.numpy()), 128)) for im in img])
     torch.testing.assert_close(B.augment_batch(img, r), ref, atol=1e-6, rtol=0)

@@ -42,7 +42,8 @@ def test_param_groups_split_bias_and_norm():
 def test_lars_matches_hand_computation():
     torch.manual_seed(0)
     w, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
-    groups = [dict(params=[w], weight_decay=0.01, lars_exclude=False), dict(params=[b], weight_decay=0.0, lars_exclude=True)]
+    groups = [dict(params=[w], weight_decay=0.01, lars_exclude=False),
+              dict(params=[b], weight_decay=0.0, lars_exclude=True)]
     opt = optim.LARS(groups, lr=0.5, momentum=0.9, eta=0.001)
     w0, b0 = w.detach().clone(), b.detach().clone()
     gw, gb = torch.randn(3, 4), torch.randn(3)
@@ -75,7 +76,8 @@ def test_unknown_optimizer():
 
 def test_lars_clip_caps_the_local_rate_at_the_global_one():
     w = torch.nn.Parameter(torch.full((4,), 10.0))
-    opt = optim.LARS([dict(params=[w], weight_decay=0.0, lars_exclude=False)], lr=0.1, momentum=0.0, eta=0.02, clip=True)
+    opt = optim.LARS([dict(params=[w], weight_decay=0.0, lars_exclude=False)], lr=0.1, momentum=0.0, eta=0.02,
+                     clip=True)
     w.grad = torch.full((4,), 0.01)  # trust = 0.02 * 20 / 0.02 = 20 > lr: clipped to trust / lr = 1 -> plain SGD step
     opt.step()
     torch.testing.assert_close(w.detach(), torch.full((4,), 10.0 - 0.1 * 0.01))

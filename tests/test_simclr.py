@@ -31,7 +31,8 @@ def test_smoke_two_ranks_and_export(image_folder, tmp_path):
                                              strict=False)
     assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
     # ... and the evaluation scripts read the checkpoint.
-    knn = launch("eval/knn.py", ["--checkpoint", os.path.join(out, "last.pt"), "--num_workers", "0", "--k", "5"], nproc=0)
+    knn = launch("eval/knn.py", ["--checkpoint", os.path.join(out, "last.pt"), "--num_workers", "0", "--k", "5"],
+                 nproc=0)
     assert "5-NN top-1" in knn.stdout
 
 
