@@ -421,13 +421,9 @@ def main():
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 
     # ----- resume -----
-    start_epoch, step, best = 0, 0, 0.0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, optimizer=optimizer,
-                                                        scaler=scaler, loss_state=memory)
-        best = checkpoint.load(path).get("best_top1", 0.0)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, saved = checkpoint.resume(cfg, model=model, optimizer=optimizer, scaler=scaler,
+                                                 loss_state=memory)
+    best = saved.get("best_top1", 0.0)
 
     # ----- epoch loop: train, evaluate, log, checkpoint -----
     top1 = None
@@ -440,8 +436,7 @@ def main():
             best = max(best, top1)
             row.update(test_top1=top1, best_test_top1=best)  # the reported number is the last epoch's test_top1
         row.update(params=params, params_slides=params_slides)  # peak memory: in row, from the epoch's Progress
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
                               model=model, optimizer=optimizer, scaler=scaler, loss_state=memory, best_top1=best)
     if top1 is not None:

@@ -36,7 +36,6 @@ Run
     python mocov3.py --dataset fake --arch resnet18 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu
 """
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
@@ -233,24 +232,18 @@ def main():
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 
     # ----- resume -----
-    start_epoch, step = 0, 0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model,
-                                                        teacher=momentum_encoder, optimizer=optimizer, scaler=scaler)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, _ = checkpoint.resume(cfg, model=model, teacher=momentum_encoder, optimizer=optimizer,
+                                             scaler=scaler)
 
     # ----- epoch loop: train, log, evaluate (momentum encoder), checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, views, model, momentum_encoder, loader, optimizer, scaler, cfg, ctx,
                                     epoch, step, cfg.epochs * steps_per_epoch)
-        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if knn and knn.due(epoch, cfg.epochs, cfg.eval_every):
             dist.broadcast_buffers(momentum_encoder)  # per-rank BN statistics (outside DDP): evaluate with rank 0's
-            acc = knn.evaluate(momentum_encoder.backbone)
-            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+            row.update(knn.log_row(momentum_encoder.backbone))
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
                               model=model, teacher=momentum_encoder, optimizer=optimizer, scaler=scaler)
 

@@ -50,7 +50,6 @@ Run
     python msbreg.py --dataset fake --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu --eval_every 0
 """
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
@@ -301,24 +300,17 @@ def main():
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 
     # ----- resume -----
-    start_epoch, step = 0, 0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, teacher=target,
-                                                        optimizer=optimizer, scaler=scaler)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, _ = checkpoint.resume(cfg, model=model, teacher=target, optimizer=optimizer, scaler=scaler)
 
     # ----- epoch loop: train, log, evaluate, checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx, epoch,
                                     step, cfg.epochs * steps_per_epoch)
-        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if knn and knn.due(epoch, cfg.epochs, cfg.eval_every):
             dist.broadcast_buffers(target)  # the target is outside DDP: evaluate with rank 0's BN statistics
-            acc = knn.evaluate(target.backbone, ks=(5, 20, 200))  # Table 1 reports 5-NN, Table 4 20/200-NN
-            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+            row.update(knn.log_row(target.backbone, ks=(5, 20, 200)))  # Table 1: 5-NN; Table 4: 20/200-NN
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
                               model=model, teacher=target, optimizer=optimizer, scaler=scaler)
 

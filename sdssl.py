@@ -38,7 +38,6 @@ Run
         --device cpu --proj_hidden_dim 64 --isd_hidden_dim 32 --pred_hidden_dim 64 --proj_dim 32
 """
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
@@ -377,24 +376,18 @@ def main():
     states = dict(model=model, optimizer=optimizer, scaler=scaler, **({"teacher": teacher} if teacher else {}))
 
     # ----- resume -----
-    start_epoch, step = 0, 0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), **states)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, _ = checkpoint.resume(cfg, **states)
 
     # ----- epoch loop: train, log, evaluate (teacher backbone), checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, views, model, teacher, loader, optimizer, scaler, cfg, ctx, epoch,
                                     step, cfg.epochs * steps_per_epoch)
-        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if knn and knn.due(epoch, cfg.epochs, cfg.eval_every):
             if teacher is not None:
                 dist.broadcast_buffers(teacher)  # the teacher is outside DDP: evaluate with rank 0's BN statistics
-            acc = knn.evaluate((teacher or model).backbone)
-            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+            row.update(knn.log_row((teacher or model).backbone))
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every, **states)
 
     # ----- cleanup: export the student backbone (per-layer evaluation: python -m eval.knn --layer all) -----

@@ -23,7 +23,6 @@ Run
     torchrun --standalone --nproc_per_node=8 simclr.py --config configs/simclr/imagenet_resnet50.yaml --data_dir DIR
     python simclr.py --dataset fake --arch resnet18 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -184,23 +183,16 @@ def main():
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
 
     # ----- resume -----
-    start_epoch, step = 0, 0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), model=model, optimizer=optimizer,
-                                                        scaler=scaler)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, _ = checkpoint.resume(cfg, model=model, optimizer=optimizer, scaler=scaler)
 
     # ----- epoch loop: train, log, evaluate, checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch, step,
                                     cfg.epochs * steps_per_epoch)
-        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            acc = knn.evaluate(model.backbone)
-            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        if knn and knn.due(epoch, cfg.epochs, cfg.eval_every):
+            row.update(knn.log_row(model.backbone))
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
                               model=model, optimizer=optimizer, scaler=scaler)
 

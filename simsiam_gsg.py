@@ -34,7 +34,6 @@ Run
     python simsiam_gsg.py --dataset fake --arch resnet18 --batch_size 8 --epochs 1 --max_steps_per_epoch 2 --device cpu
 """
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
@@ -259,22 +258,17 @@ def main():
         states["teacher"] = target
 
     # ----- resume -----
-    start_epoch, step = 0, 0
-    path = checkpoint.resume_path(cfg.output_dir, cfg.resume)
-    if path:
-        start_epoch, step, changed = checkpoint.restore(path, config.to_dict(cfg), **states)
-        print0(f"resumed from {path} at epoch {start_epoch}" + (f" (changed: {changed})" if changed else ""))
+    start_epoch, step, _ = checkpoint.resume(cfg, **states)
 
     # ----- epoch loop: train, log, evaluate, checkpoint -----
     for epoch in range(start_epoch, cfg.epochs):
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx, epoch,
                                     step)
-        if knn and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            acc = knn.evaluate(model.backbone, temperature=cfg.knn_temperature)  # online backbone (GSG main_knn.py)
-            row.update({"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}})
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
-        log.append_jsonl(os.path.join(cfg.output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+        if knn and knn.due(epoch, cfg.epochs, cfg.eval_every):
+            # the online backbone, as GSG's main_knn.py
+            row.update(knn.log_row(model.backbone, temperature=cfg.knn_temperature))
+        log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every, **states)
 
     # ----- cleanup -----

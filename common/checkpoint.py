@@ -8,7 +8,9 @@ import os
 
 import torch
 
+from common import config
 from common.config import ConfigError
+from common.log import print0
 
 FORMAT = 1
 
@@ -48,12 +50,15 @@ def resume_path(output_dir, resume):
     return path if os.path.exists(path) else None
 
 
-def restore(path, config, **objects):
-    """Load `path` into `objects` (name -> module/optimizer/scaler, strict). Returns (epoch, step, changed), where
-    `changed` maps config keys that differ from the checkpoint's to (old, new) so the caller can log them.
-    Refuses (ConfigError) when a state does not fit, naming the keys that changed."""
-    blob = load(path)
-    changed = {k: (v, config[k]) for k, v in blob["config"].items() if k in config and config[k] != v
+def resume(cfg, **objects):
+    """Auto-resume: load output_dir/last.pt (or --resume PATH) into `objects` (name -> module / optimizer / scaler,
+    strictly) and log it. Returns (start epoch, step, the checkpoint dict) or (0, 0, {}) for a fresh run.
+    Refuses (ConfigError) when a state does not fit, naming the config keys that changed since the checkpoint."""
+    path = resume_path(cfg.output_dir, cfg.resume)
+    if not path:
+        return 0, 0, {}
+    blob, now = load(path), config.to_dict(cfg)
+    changed = {k: (v, now[k]) for k, v in blob["config"].items() if k in now and now[k] != v
                and k not in ("resume", "epochs", "output_dir", "eval_every", "num_workers", "device")}
     for name, obj in objects.items():
         if name not in blob:
@@ -64,7 +69,8 @@ def restore(path, config, **objects):
             detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()) or str(e).splitlines()[0][:200]
             raise ConfigError(f"checkpoint {path} does not fit this run ({name}: {detail}); use a new "
                               f"--output_dir or the checkpoint's settings") from None
-    return blob["epoch"], blob["step"], changed
+    print0(f"resumed from {path} at epoch {blob['epoch']}" + (f" (changed: {changed})" if changed else ""))
+    return blob["epoch"], blob["step"], blob
 
 
 def backbone_state(blob, which="model"):

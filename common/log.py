@@ -42,6 +42,12 @@ def append_jsonl(path, row):
             f.write(json.dumps(row) + "\n")
 
 
+def end_epoch(output_dir, epoch, step, row):
+    """The epoch's line on rank 0 and its row in output_dir/log.jsonl."""
+    print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    append_jsonl(os.path.join(output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+
+
 class Meter:
     """Running average of a scalar tensor, kept on its device. Also records the first step whose value was not
     finite, so the check costs no GPU sync per step (`check` syncs once)."""

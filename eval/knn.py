@@ -88,6 +88,16 @@ class KNNMonitor:
         self.val = data.eval_loader(val, batch_size, ctx, num_workers)
         self.num_val = len(val)
 
+    @staticmethod
+    def due(epoch, epochs, every):
+        """The training scripts' monitor runs every `every` epochs and after the last one."""
+        return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
+
+    def log_row(self, backbone, ks=(20, 200), temperature=0.07):
+        """{'knn_top1': 20-NN top-1, 'knn_top1_k{k}': ... for every k} for log.jsonl."""
+        acc = self.evaluate(backbone, ks, temperature)
+        return {"knn_top1": acc[20], **{f"knn_top1_k{k}": a for k, a in acc.items()}}
+
     @torch.no_grad()
     def evaluate(self, backbone, ks=(20, 200), temperature=0.07, layers=None):
         was_training = backbone.training

@@ -1,5 +1,4 @@
 """The batched augmentation samples the torchvision recipes' distributions (parameters and outputs), not timing."""
-import math
 
 import pytest
 import torch

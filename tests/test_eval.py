@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import dist
 from eval import linear
 from eval.knn import KNNMonitor, knn_classify, select_layers
 

@@ -1,19 +1,15 @@
 """Mixed precision and torch.compile: bf16 autocast keeps every script's loss finite and close to float32; a
 checkpoint written from a compiled run has plain keys and loads without compilation."""
-import os
-import sys
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import byol
 import mocov3
 import sdssl
 import simclr
 import simsiam_gsg
-from common import checkpoint, config, dist, models
-from conftest import ROOT, _env, launch, load_ckpt, tiny_args
+from common import config, dist, models
+from conftest import launch, load_ckpt, tiny_args
 
 
 def forward(model, x, dtype):
