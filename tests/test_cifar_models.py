@@ -19,13 +19,7 @@ PAIRS = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), 
 KD_ROW = [2.96, 2.82, 13.43, 1.14, 8.67, 2.01]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU forwards: one thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):

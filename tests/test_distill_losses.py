@@ -20,13 +20,7 @@ PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resne
 B = 4  # batch of the loss checks: RKD's angles need 3 samples, CC's consecutive pairs 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU forwards: one thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
