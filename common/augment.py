@@ -1,12 +1,12 @@
-"""The standard SSL augmentation recipes, as torchvision transforms on PIL images, and view wrappers.
+"""The standard SSL augmentation recipes, declared once as `Recipe`s, the view wrappers and ViewMaker.
 
-- simclr_transform: SimCLR (Chen et al. 2020, App. A): random resized crop, flip, colour jitter of strength s
+- simclr_recipe: SimCLR (Chen et al. 2020, App. A): random resized crop, flip, colour jitter of strength s
   (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 (off for CIFAR, App. B.9).
-- byol_pair: BYOL / MoCo v3 asymmetric views (Grill et al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), blur p 1.0 /
-  0.1, solarize p 0 / 0.2.
-- mocov2_transform: MoCo v2 / SimSiam: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur p 0.5, flip.
+- byol_recipes: BYOL / MoCo v3 asymmetric views (Grill et al. 2020, Table 6): jitter (0.4, 0.4, 0.2, 0.1), blur p
+  1.0 / 0.1, solarize p 0 / 0.2.
+- mocov2_recipe: MoCo v2 / SimSiam: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur p 0.5, flip.
 Blur kernels are 10% of the image side (odd), sigma uniform in [0.1, 2.0], all via torchvision's own ops.
-Each recipe is a `Recipe`; the functions ending in _transform / _pair return the torchvision version.
+Each recipe is a `Recipe`: `to_torchvision` builds the PIL version, common/batch_augment.py the batched one.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,18 +70,6 @@ def byol_recipes(image_size, crop_min=0.08, blur=True):
 
 def mocov2_recipe(image_size, crop_min=0.2, blur=True):
     return Recipe(image_size, (crop_min, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
-
-
-def simclr_transform(image_size, strength=1.0, blur=True, crop_min=0.08):
-    return to_torchvision(simclr_recipe(image_size, strength, blur, crop_min))
-
-
-def byol_pair(image_size, crop_min=0.08, blur=True):
-    return tuple(to_torchvision(r) for r in byol_recipes(image_size, crop_min, blur))
-
-
-def mocov2_transform(image_size, crop_min=0.2, blur=True):
-    return to_torchvision(mocov2_recipe(image_size, crop_min, blur))
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -59,10 +59,6 @@ def per_rank(batch_size, world_size):
     return batch_size // world_size
 
 
-def barrier():
-    dist.barrier()
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient w.r.t. our slice back to us (sum over ranks)."""
 

@@ -52,10 +52,11 @@ def test_train_loader_shards_and_drops_last(process_group):
 def test_augmentation_recipes_produce_views():
     from PIL import Image
     img = Image.fromarray(data.fake_set("train").images[0].numpy())
-    t1, t2 = augment.byol_pair(32)
+    t1, t2 = (augment.to_torchvision(r) for r in augment.byol_recipes(32))
     v1, v2 = augment.TwoViews(t1, t2)(img)
     assert v1.shape == v2.shape == (3, 32, 32)
-    views = augment.MultiViews([augment.simclr_transform(24, 0.5, blur=False), augment.mocov2_transform(16)], 4)(img)
+    recipes = [augment.simclr_recipe(24, 0.5, blur=False), augment.mocov2_recipe(16)]
+    views = augment.MultiViews([augment.to_torchvision(r) for r in recipes], 4)(img)
     assert [v.shape[-1] for v in views] == [24, 16, 24, 16]
     assert augment.linear_train_transform(32)(img).shape == (3, 32, 32)
     assert augment.eval_transform(224)(img).shape == (3, 224, 224)
