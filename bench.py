@@ -75,7 +75,9 @@ def keep_freed_memory():
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**62)
+        # mallopt takes a C int: 2**31 - 1 is the largest trim threshold (a larger Python int wraps around to 0,
+        # which would trim on every free).
+        ok = libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1)
         return bool(ok)
     except OSError:
         return False
