@@ -75,52 +75,72 @@ def _grayscale(x):  # (n, 3, H, W) -> (n, 1, H, W)
     return (GRAY[0] * x[:, 0] + GRAY[1] * x[:, 1] + GRAY[2] * x[:, 2]).unsqueeze(1)
 
 
-def _blend(x, other, factor):  # torchvision's _blend: factor * x + (1 - factor) * other, clamped
-    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp_(0, 1)
+def _blend_(x, other, factor):  # torchvision's _blend, factor * x + (1 - factor) * other, clamped; in place on x
+    return x.sub_(other).mul_(factor.view(-1, 1, 1, 1)).add_(other).clamp_(0, 1)
 
 
 def adjust_hue(x, shift):
     """Rotate the hue of (n, 3, H, W) RGB in [0, 1] by `shift` (n,) turns, through HSV as torchvision does.
-    Hue is kept in sextants (0..6) to save the divisions by 6."""
+    Hue is kept in sextants (0..6) to save the divisions by 6. Written with arithmetic only: torch.where, boolean
+    masks and remainder are several times slower than min / max / floor on the CPU."""
     r, g, b = x.unbind(1)
-    v, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-    c = v - low
-    inv_c = 1.0 / torch.where(c > 0, c, 1.0)
-    # Sextant hue of the RGB -> HSV conversion (grey pixels, c = 0, get hue 0 as in torchvision).
-    h = torch.where(v == r, (g - b) * inv_c, torch.where(v == g, 2.0 + (b - r) * inv_c, 4.0 + (r - g) * inv_c))
-    h = torch.where(c > 0, h, 0.0).add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0)
-    # HSV -> RGB with v*s = c: channel n = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h.unsqueeze(1)).remainder_(6.0)
-    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)  # chroma; grey pixels (c = 0) get hue 0 as in torchvision
+    # Which channel holds the maximum (r first, then g, as torchvision), as 0/1 floats: ceil(v - r) = 0 iff v == r.
+    is_r = 1.0 - torch.ceil(v - r)
+    is_g = (1.0 - torch.ceil(v - g)) * (1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    # Hue in sextants: (g - b) / c if r is the maximum, 2 + (b - r) / c if g, 4 + (r - g) / c if b; shift; mod 6.
+    h = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / c.clamp(min=1e-30)
+    h += 2.0 * is_g + 4.0 * is_b + 6.0 * shift.view(-1, 1, 1)
+    h -= 6.0 * torch.floor(h / 6.0)
+    # HSV -> RGB with v * s = c: the channel whose hue centre (r 0, g 2, b 4) lies at circular distance d from h
+    # is v - c * clamp(d - 1, 0, 1): v within one sextant of its centre, v - c beyond two.
+    t = (h.unsqueeze(1) - torch.tensor([0.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)).abs_()
+    d = torch.minimum(t, 6.0 - t).clamp_(1.0, 2.0)
+    return (v + c).unsqueeze(1) - c.unsqueeze(1) * d
+
+
+def jitter_params(n, strengths, p, device="cpu"):
+    """Per image: whether ColorJitter is applied (prob. p), its op order (a uniform permutation of brightness,
+    contrast, saturation, hue = torchvision's randperm(4); all 4 for images left alone) and the four factors."""
+    b, c, s, h = strengths
+    ranges = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
+    applied = torch.rand(n, device=device) < p
+    order = torch.rand(n, 4, device=device).argsort(dim=1)
+    order[~applied] = 4  # op "4" does nothing (and sorts last below)
+    factors = torch.stack([_uniform(n, lo, hi, device) for lo, hi in ranges], dim=1)  # (n, 4)
+    return order, factors
 
 
 def color_jitter(x, strengths, p, hue=adjust_hue):
     """torchvision ColorJitter(b, c, s, h) inside RandomApply(p), per image, in a random order per image.
-    `hue` is adjust_hue or a compiled version of it."""
+    `hue` is adjust_hue or a compiled version of it.
+
+    At each of the four positions the images are sorted by the op they get there, so that every op works in place
+    on one contiguous slice (no gather and scatter per op); one gather at the end restores the order."""
     n, device = x.shape[0], x.device
-    b, c, s, h = strengths
-    ranges = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
-    applied = torch.rand(n, device=device) < p
-    order = torch.rand(n, 4, device=device).argsort(dim=1)  # a uniform random permutation per image (= randperm(4))
-    factors = torch.stack([_uniform(n, lo, hi, device) for lo, hi in ranges], dim=1)  # (n, 4)
+    order, factors = jitter_params(n, strengths, p, device)
+    rows = torch.arange(n, device=device)  # rows[i]: the image now in row i of x
     for position in range(4):
-        for op, strength in enumerate((b, c, s, h)):
-            if strength == 0:
+        op_here = order[rows, position]
+        by_op = op_here.argsort(stable=True)
+        rows, x = rows[by_op], x.index_select(0, by_op)
+        start = 0
+        for op, count in enumerate(torch.bincount(op_here, minlength=5)[:4].tolist()):
+            sub, f = x[start:start + count], factors[rows[start:start + count], op]
+            start += count
+            if count == 0 or strengths[op] == 0:
                 continue
-            idx = (applied & (order[:, position] == op)).nonzero()[:, 0]
-            if idx.numel() == 0:
-                continue
-            sub, f = x[idx], factors[idx, op]
             if op == 0:  # brightness: blend with black
-                sub = (sub * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+                sub.mul_(f.view(-1, 1, 1, 1)).clamp_(0, 1)
             elif op == 1:  # contrast: blend with the mean of the grayscale image (= grayscale of the channel means)
-                sub = _blend(sub, _grayscale(sub.mean(dim=(2, 3), keepdim=True)), f)
+                _blend_(sub, _grayscale(sub.mean(dim=(2, 3), keepdim=True)), f)
             elif op == 2:  # saturation: blend with the grayscale image
-                sub = _blend(sub, _grayscale(sub), f)
+                _blend_(sub, _grayscale(sub), f)
             else:
-                sub = hue(sub, f)
-            x[idx] = sub
-    return x
+                sub.copy_(hue(sub, f))
+    return x.index_select(0, rows.argsort())
 
 
 def gaussian_blur(x, p, kernel_size, sigma_range):

@@ -54,11 +54,37 @@ def test_resized_crops_equal_bilinear_resize():
 
 
 def test_hue_matches_torchvision():
+    torch.manual_seed(0)
     x = torch.rand(16, 3, 8, 8)
     x[0] = 0.5  # grey pixels keep hue 0
+    x[1, 1] = x[1, 0]  # ties for the maximum: r = g, r = b, g = b
+    x[2, 2] = x[2, 0]
+    x[3, 2] = x[3, 1]
+    x[4] = (x[4] * 255).round() / 255
     shift = torch.rand(16) - 0.5
+    shift[5:8] = torch.tensor([-0.5, 0.5, 0.0])
     ref = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(16)])
     torch.testing.assert_close(B.adjust_hue(x, shift), ref, atol=2e-6, rtol=0)
+
+
+def test_jitter_applies_each_images_order_and_factors():
+    """All four ops: every image equals torchvision's ops applied in the order and with the factors drawn for it
+    (redrawn here from the same seed), so sorting the images by op at each position loses or mixes up none."""
+    strengths, n = (0.4, 0.4, 0.4, 0.1), 64
+    x = torch.rand(n, 3, 6, 6)
+    torch.manual_seed(3)
+    out = B.color_jitter(x.clone(), strengths, p=0.8)
+    torch.manual_seed(3)
+    order, factors = B.jitter_params(n, strengths, p=0.8)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    assert 0.6 < (order[:, 0] < 4).float().mean() < 0.95
+    for i in range(n):
+        ref = x[i]
+        for op in order[i].tolist():
+            if op < 4:
+                ref = ops[op](ref, float(factors[i, op]))
+        # 1e-4: torchvision's tensor grayscale weighs red 0.2989, ours 0.299 as PIL (which the CPU path runs).
+        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
 
 
 def test_single_jitter_ops_match_torchvision():
