@@ -169,7 +169,7 @@ def count_flops(module, args, extra, out):
 def bench_augment(args):
     """Two SimCLR-recipe views per image: torchvision on PIL (as a loader worker does) vs batched tensor ops, one
     thread each, on the same images in the same run. Both are warmed up, timed over at least 1024 images, and
-    repeated three times in turn; the best of each is printed (images/s per core)."""
+    repeated five times in turn; the best of each is printed (images/s per core)."""
     torch.set_num_threads(1)
     recipe = augment.simclr_recipe(args.image_size, strength=0.5, blur=args.image_size > 32)
     data.FAKE_SIZES.update(train=args.batch_size, side=args.image_size)
@@ -195,10 +195,10 @@ def bench_augment(args):
         return calls * len(images) / (time.perf_counter() - t0)
 
     time_pil(), time_batched()  # warm-up (and compilation of the hue op with --compiled_hue)
-    rates = [(time_pil(), time_batched()) for _ in range(3)]
+    rates = [(time_pil(), time_batched()) for _ in range(5)]
     pil_rate, batched_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     print(f"two {args.image_size}px views, SimCLR recipe (s=0.5{', blur' if recipe.blur_p else ', no blur'}), "
-          f"batch {len(images)}, one CPU thread, best of 3:")
+          f"batch {len(images)}, one CPU thread, best of 5:")
     print(f"  torchvision (PIL)       {pil_rate:9.0f} img/s per core")
     print(f"  batched on {device.type:4s}{' (compiled hue)' if args.compiled_hue else '               '}"
           f"{batched_rate:9.0f} img/s ({batched_rate / pil_rate:.1f}x)")

@@ -87,18 +87,19 @@ def adjust_hue(x, shift):
     v = torch.maximum(torch.maximum(r, g), b)
     c = v - torch.minimum(torch.minimum(r, g), b)  # chroma; grey pixels (c = 0) get hue 0 as in torchvision
     # Which channel holds the maximum (r first, then g, as torchvision), as 0/1 floats: ceil(v - r) = 0 iff v == r.
-    is_r = 1.0 - torch.ceil(v - r)
-    is_g = (1.0 - torch.ceil(v - g)) * (1.0 - is_r)
-    is_b = 1.0 - is_r - is_g
+    is_r = torch.ceil(v - r).neg_().add_(1.0)
+    is_g = torch.ceil(v - g).neg_().add_(1.0).mul_(1.0 - is_r)
     # Hue in sextants: (g - b) / c if r is the maximum, 2 + (b - r) / c if g, 4 + (r - g) / c if b; shift; mod 6.
-    h = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / c.clamp(min=1e-30)
-    h += 2.0 * is_g + 4.0 * is_b + 6.0 * shift.view(-1, 1, 1)
-    h -= 6.0 * torch.floor(h / 6.0)
+    # (In-place steps: each pass over the planes costs as much as the arithmetic here.)
+    h = (g - b).mul_(is_r).add_((b - r).mul_(is_g)).add_((r - g).mul_(1.0 - is_r - is_g)).div_(c.clamp(min=1e-30))
+    # + 2 is_g + 4 is_b + 6 shift, with is_b = 1 - is_r - is_g
+    h.add_(is_g.mul_(-2.0).add_(is_r, alpha=-4.0).add_(4.0 + 6.0 * shift.view(-1, 1, 1)))
+    h.sub_(torch.floor(h * (1 / 6)).mul_(6.0))
     # HSV -> RGB with v * s = c: the channel whose hue centre (r 0, g 2, b 4) lies at circular distance d from h
     # is v - c * clamp(d - 1, 0, 1): v within one sextant of its centre, v - c beyond two.
     t = (h.unsqueeze(1) - torch.tensor([0.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)).abs_()
     d = torch.minimum(t, 6.0 - t).clamp_(1.0, 2.0)
-    return (v + c).unsqueeze(1) - c.unsqueeze(1) * d
+    return d.mul_(-c.unsqueeze(1)).add_((v + c).unsqueeze(1))
 
 
 def jitter_params(n, strengths, p, device="cpu"):
