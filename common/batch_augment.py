@@ -10,6 +10,7 @@ independent random parameters per image drawn exactly as torchvision draws them:
 On a GPU this removes the CPU data pipeline as the bottleneck of small-image SSL (solo-learn needs DALI for that).
 The random numbers come from torch's global RNG of that device, so per-epoch reseeding keeps runs reproducible.
 """
+import itertools
 import math
 
 import torch
@@ -102,37 +103,42 @@ def adjust_hue(x, shift):
     return d.mul_(-c.unsqueeze(1)).add_((v + c).unsqueeze(1))
 
 
+# The 24 orders of (brightness 0, contrast 1, saturation 2, hue 3), sorted by the position of hue first: images
+# sorted by their order then get hue on one contiguous slice per position.
+ORDERS = sorted(itertools.permutations(range(4)), key=lambda o: (o.index(3), o))
+
+
 def jitter_params(n, strengths, p, device="cpu"):
-    """Per image: whether ColorJitter is applied (prob. p), its op order (a uniform permutation of brightness,
-    contrast, saturation, hue = torchvision's randperm(4); all 4 for images left alone) and the four factors."""
+    """Per image: which of the 24 ORDERS ColorJitter applies its ops in (uniform = torchvision's randperm(4); 24
+    for images it leaves alone, prob. 1 - p) and the four factors."""
     b, c, s, h = strengths
     ranges = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
     applied = torch.rand(n, device=device) < p
-    order = torch.rand(n, 4, device=device).argsort(dim=1)
-    order[~applied] = 4  # op "4" does nothing (and sorts last below)
+    order = torch.randint(len(ORDERS), (n,), device=device).masked_fill_(~applied, len(ORDERS))
     factors = torch.stack([_uniform(n, lo, hi, device) for lo, hi in ranges], dim=1)  # (n, 4)
     return order, factors
 
 
-def color_jitter(x, strengths, p, hue=adjust_hue):
-    """torchvision ColorJitter(b, c, s, h) inside RandomApply(p), per image, in a random order per image.
-    `hue` is adjust_hue or a compiled version of it.
-
-    At each of the four positions the images are sorted by the op they get there, so that every op works in place
-    on one contiguous slice (no gather and scatter per op); one gather at the end restores the order."""
-    n, device = x.shape[0], x.device
-    order, factors = jitter_params(n, strengths, p, device)
-    rows = torch.arange(n, device=device)  # rows[i]: the image now in row i of x
+def color_jitter(x, strengths, order, factors, hue=adjust_hue):
+    """torchvision ColorJitter(b, c, s, h) inside RandomApply(p), per image, in its own order (jitter_params).
+    `x` must be sorted by `order` (augment_batch sorts the uint8 images before the crop): then at each position the
+    images that get the same op form a few contiguous slices and every op runs in place on a slice.
+    `hue` is adjust_hue or a compiled version of it."""
+    counts = torch.bincount(order, minlength=len(ORDERS) + 1).tolist()
+    bounds = [0]
+    for count in counts[:-1]:
+        bounds.append(bounds[-1] + count)
     for position in range(4):
-        op_here = order[rows, position]
-        by_op = op_here.argsort(stable=True)
-        rows, x = rows[by_op], x.index_select(0, by_op)
-        start = 0
-        for op, count in enumerate(torch.bincount(op_here, minlength=5)[:4].tolist()):
-            sub, f = x[start:start + count], factors[rows[start:start + count], op]
-            start += count
-            if count == 0 or strengths[op] == 0:
+        runs = []  # (op, start, end): consecutive orders with the same op at this position merge into one slice
+        for k, o in enumerate(ORDERS):
+            if counts[k] == 0 or strengths[o[position]] == 0:
                 continue
+            if runs and runs[-1][0] == o[position] and runs[-1][2] == bounds[k]:
+                runs[-1][2] = bounds[k + 1]
+            else:
+                runs.append([o[position], bounds[k], bounds[k + 1]])
+        for op, start, end in runs:
+            sub, f = x[start:end], factors[start:end, op]
             if op == 0:  # brightness: blend with black
                 sub.mul_(f.view(-1, 1, 1, 1)).clamp_(0, 1)
             elif op == 1:  # contrast: blend with the mean of the grayscale image (= grayscale of the channel means)
@@ -141,7 +147,7 @@ def color_jitter(x, strengths, p, hue=adjust_hue):
                 _blend_(sub, _grayscale(sub), f)
             else:
                 sub.copy_(hue(sub, f))
-    return x.index_select(0, rows.argsort())
+    return x
 
 
 def gaussian_blur(x, p, kernel_size, sigma_range):
@@ -176,12 +182,17 @@ def augment_batch(images, recipe, hue=None):
     """uint8 (B, H, W, 3) on any device -> float (B, 3, S, S) views drawn from `recipe` (a common.augment.Recipe).
     `hue`: an alternative implementation of adjust_hue (the compiled one), same results."""
     n, height, width, _ = images.shape
+    if recipe.jitter_p > 0:  # draw the jitter first and sort the images by their jitter order (color_jitter)
+        order, factors = jitter_params(n, recipe.jitter, recipe.jitter_p, images.device)
+        order, rows = order.sort(stable=True)
+        images, factors = images.index_select(0, rows), factors.index_select(0, rows)
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
     boxes = crop_boxes(n, height, width, recipe.crop_scale, device=x.device)
     flip = torch.rand(n, device=x.device) < recipe.flip
     x = resized_crops(x, boxes, recipe.size, flip).div_(255)
     if recipe.jitter_p > 0:
-        x = color_jitter(x, recipe.jitter, recipe.jitter_p, hue or adjust_hue)
+        x = color_jitter(x, recipe.jitter, order, factors, hue or adjust_hue)
+        x = x.index_select(0, rows.argsort())  # back to the images' order
     x = _per_image(x, recipe.gray_p, lambda v: _grayscale(v).expand(-1, 3, -1, -1))
     if recipe.blur_p > 0:
         x = gaussian_blur(x, recipe.blur_p, recipe.blur_kernel, recipe.blur_sigma)

@@ -69,22 +69,28 @@ def test_hue_matches_torchvision():
 
 def test_jitter_applies_each_images_order_and_factors():
     """All four ops: every image equals torchvision's ops applied in the order and with the factors drawn for it
-    (redrawn here from the same seed), so sorting the images by op at each position loses or mixes up none."""
+    (redrawn here from the same seed): running the ops on slices of images sorted by their order mixes up none."""
     strengths, n = (0.4, 0.4, 0.4, 0.1), 64
     x = torch.rand(n, 3, 6, 6)
     torch.manual_seed(3)
-    out = B.color_jitter(x.clone(), strengths, p=0.8)
+    out = jitter(x, strengths, p=0.8)
     torch.manual_seed(3)
     order, factors = B.jitter_params(n, strengths, p=0.8)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    assert 0.6 < (order[:, 0] < 4).float().mean() < 0.95
+    assert 0.6 < (order < len(B.ORDERS)).float().mean() < 0.95
     for i in range(n):
         ref = x[i]
-        for op in order[i].tolist():
-            if op < 4:
-                ref = ops[op](ref, float(factors[i, op]))
+        for op in (B.ORDERS[order[i]] if order[i] < len(B.ORDERS) else ()):
+            ref = ops[op](ref, float(factors[i, op]))
         # 1e-4: torchvision's tensor grayscale weighs red 0.2989, ours 0.299 as PIL (which the CPU path runs).
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
+
+
+def jitter(x, strengths, p):
+    """color_jitter as augment_batch runs it: draw, sort the images by their order, jitter, restore the order."""
+    order, factors = B.jitter_params(len(x), strengths, p)
+    order, rows = order.sort(stable=True)
+    return B.color_jitter(x[rows], strengths, order, factors[rows])[rows.argsort()]
 
 
 def test_single_jitter_ops_match_torchvision():
@@ -95,7 +101,7 @@ def test_single_jitter_ops_match_torchvision():
     for op, fn in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
         strengths = [0.0] * 4
         strengths[op] = 0.4
-        out = B.color_jitter(x.clone(), strengths, p=0.8)
+        out = jitter(x, strengths, p=0.8)
         changed = (out != x).flatten(1).any(1)
         assert abs(changed.float().mean().item() - 0.8) < 0.03
         # Recover each image's factor by matching torchvision's op on a grid of factors.
@@ -104,6 +110,20 @@ def test_single_jitter_ops_match_torchvision():
         for i in k.tolist():
             errs = torch.stack([(fn(x[i], float(f)) - out[i]).abs().max() for f in grid])
             assert errs.min() < 0.01  # some factor in [0.6, 1.4] reproduces it
+
+
+def test_augment_batch_keeps_each_image_in_its_row():
+    """augment_batch sorts the images by their jitter order and must put them back: grey images, each with a white
+    dot at its own place, keep the dot there through jitter (monotone on greys) with the crop the whole image."""
+    n = 64
+    images = torch.full((n, 32, 32, 3), 100, dtype=torch.uint8)
+    for i in range(n):
+        images[i, 4 * (i // 8) + 2, 4 * (i % 8) + 2] = 255
+    r = augment.Recipe(32, (1.0, 1.0), flip=0.0, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.0,
+                       mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    out = B.augment_batch(images, r)
+    assert torch.equal(out[:, 0].flatten(1).argmax(1), images[..., 0].flatten(1).argmax(1))
 
 
 def test_blur_and_solarize_match_torchvision():
