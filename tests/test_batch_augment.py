@@ -67,6 +67,13 @@ def test_hue_matches_torchvision():
     torch.testing.assert_close(B.adjust_hue(x, shift), ref, atol=2e-6, rtol=0)
 
 
+def jitter(x, strengths, p):
+    """color_jitter as augment_batch runs it: draw, sort the images by their order, jitter, restore the order."""
+    order, factors = B.jitter_params(len(x), strengths, p)
+    order, rows = order.sort(stable=True)
+    return B.color_jitter(x[rows], strengths, order, factors[rows])[rows.argsort()]
+
+
 def test_jitter_applies_each_images_order_and_factors():
     """All four ops: every image equals torchvision's ops applied in the order and with the factors drawn for it
     (redrawn here from the same seed): running the ops on slices of images sorted by their order mixes up none."""
@@ -84,13 +91,6 @@ def test_jitter_applies_each_images_order_and_factors():
             ref = ops[op](ref, float(factors[i, op]))
         # 1e-4: torchvision's tensor grayscale weighs red 0.2989, ours 0.299 as PIL (which the CPU path runs).
         torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
-
-
-def jitter(x, strengths, p):
-    """color_jitter as augment_batch runs it: draw, sort the images by their order, jitter, restore the order."""
-    order, factors = B.jitter_params(len(x), strengths, p)
-    order, rows = order.sort(stable=True)
-    return B.color_jitter(x[rows], strengths, order, factors[rows])[rows.argsort()]
 
 
 def test_single_jitter_ops_match_torchvision():
