@@ -98,7 +98,7 @@ def adjust_hue(x, shift):
     h.sub_(torch.floor(h * (1 / 6)).mul_(6.0))
     # HSV -> RGB with v * s = c: the channel whose hue centre (r 0, g 2, b 4) lies at circular distance d from h
     # is v - c * clamp(d - 1, 0, 1): v within one sextant of its centre, v - c beyond two.
-    t = (h.unsqueeze(1) - torch.tensor([0.0, 2.0, 4.0], device=x.device).view(1, 3, 1, 1)).abs_()
+    t = (h.unsqueeze(1) - torch.arange(0.0, 6.0, 2.0, device=x.device).view(1, 3, 1, 1)).abs_()
     d = torch.minimum(t, 6.0 - t).clamp_(1.0, 2.0)
     return d.mul_(-c.unsqueeze(1)).add_((v + c).unsqueeze(1))
 
@@ -125,9 +125,7 @@ def color_jitter(x, strengths, order, factors, hue=adjust_hue):
     images that get the same op form a few contiguous slices and every op runs in place on a slice.
     `hue` is adjust_hue or a compiled version of it."""
     counts = torch.bincount(order, minlength=len(ORDERS) + 1).tolist()
-    bounds = [0]
-    for count in counts[:-1]:
-        bounds.append(bounds[-1] + count)
+    bounds = [0, *itertools.accumulate(counts)]  # the images of ORDERS[k] are rows bounds[k]:bounds[k + 1]
     for position in range(4):
         runs = []  # (op, start, end): consecutive orders with the same op at this position merge into one slice
         for k, o in enumerate(ORDERS):
