@@ -56,14 +56,14 @@ def resized_crops(x, boxes, size, flip=None):
     read up to half a pixel beyond the crop's edge). `flip` (n,) bool mirrors those crops horizontally."""
     n, _, height, width = x.shape
     if size >= max(height, width):
-        u = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # output pixel centres in [0, 1]
+        v = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # output pixel centres in [0, 1]
         x1, y1, x2, y2 = boxes[:, :, None].unbind(1)  # each (n, 1)
+        # A mirrored crop samples its columns right to left (the flip costs nothing here); its rows keep their order.
+        u = v if flip is None else torch.where(flip[:, None], 1.0 - v, v)  # (n, size) or (size,): columns only
         # Source positions in pixel-edge units, clamped to the crop's first and last pixel centres: resizing a
         # cropped image never reads outside the crop.
-        if flip is not None:  # a mirrored crop samples its columns right to left: the flip costs nothing here
-            u = torch.where(flip[:, None], 1.0 - u, u)  # (n, size)
         px = torch.minimum(torch.maximum(x1 + u * (x2 - x1), x1 + 0.5), x2 - 0.5)  # (n, size)
-        py = torch.minimum(torch.maximum(y1 + u * (y2 - y1), y1 + 0.5), y2 - 0.5)
+        py = torch.minimum(torch.maximum(y1 + v * (y2 - y1), y1 + 0.5), y2 - 0.5)
         gx, gy = px * (2.0 / width) - 1, py * (2.0 / height) - 1  # grid_sample's [-1, 1] (align_corners=False)
         grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

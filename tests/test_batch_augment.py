@@ -173,3 +173,58 @@ def test_view_maker_paths(process_group):
     from common.config import ConfigError
     with pytest.raises(ConfigError, match="needs an in-memory dataset"):
         augment.ViewMaker(recipes, 2, torch.device("cpu"), "gpu", "imagefolder")
+
+
+# ----- the flip is horizontal, in both resize paths (a 180-degree rotation once passed every test above) -----
+
+@pytest.mark.parametrize("size", [32, 48, 16], ids=["grid_sample-same", "grid_sample-enlarge", "roi_align-shrink"])
+def test_flip_mirrors_columns_only(size):
+    """A crop with the flip on equals the same crop without it, mirrored left-right (`flip(-1)`), whichever resize
+    path runs; on an image with distinct rows and columns a vertical flip or a rotation cannot pass."""
+    x = torch.rand(3, 3, 32, 32)
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [3.0, 5.0, 27.0, 21.0], [8.0, 0.0, 20.0, 30.0]])
+    plain = B.resized_crops(x, boxes, size)
+    flipped = B.resized_crops(x, boxes, size, flip=torch.tensor([True, True, False]))
+    torch.testing.assert_close(flipped[:2], plain[:2].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped[2], plain[2], atol=0, rtol=0)
+    if size == 32:  # the whole image at its own size: the flip is exactly x.flip(-1)
+        torch.testing.assert_close(flipped[0], x[0].flip(-1), atol=1e-5, rtol=0)
+
+
+def ks_two_sample(a, b):
+    """Two-sample Kolmogorov-Smirnov test: (D, asymptotic p-value), as scipy.stats.ks_2samp(method='asymp')."""
+    a, b = torch.sort(a.double())[0], torch.sort(b.double())[0]
+    grid = torch.cat([a, b])
+    d = ((torch.searchsorted(a, grid, right=True) / len(a)) - (torch.searchsorted(b, grid, right=True) / len(b)))
+    d = float(d.abs().max())
+    en = (len(a) * len(b) / (len(a) + len(b))) ** 0.5
+    lam = (en + 0.12 + 0.11 / en) * d
+    p = 2 * sum((-1) ** (k - 1) * torch.exp(torch.tensor(-2.0 * k * k * lam * lam)) for k in range(1, 101))
+    return d, float(p.clamp(0, 1))
+
+
+def top_minus_bottom(views):
+    """Per view: mean of the top half minus mean of the bottom half (all channels); (n,)."""
+    h = views.shape[-2] // 2
+    return views[..., :h, :].mean(dim=(1, 2, 3)) - views[..., h:, :].mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("recipe", [augment.simclr_recipe(32, 0.5, blur=False), augment.byol_recipes(32)[0],
+                                    augment.byol_recipes(32)[1], augment.mocov2_recipe(32, crop_min=0.08),
+                                    augment.simclr_recipe(16, 0.5, blur=False)],
+                         ids=["simclr_cifar", "byol_view1", "byol_view2", "mocov2", "simclr_shrink"])
+def test_vertical_structure_matches_torchvision(recipe):
+    """Images bright at the top and dark at the bottom: the distribution of each view's top-minus-bottom difference
+    is the same through the batched path and torchvision (KS test over 2,048 views each). A flip that also
+    mirrors the rows turns about half of the batched views upside down and fails by a wide margin."""
+    torch.manual_seed(0)
+    n = 2048
+    images = smooth_images(n)
+    ramp = torch.linspace(90, -90, 32).view(1, 32, 1, 1)  # top rows +90, bottom rows -90
+    images = (images.float() * 0.3 + 128 + ramp).clamp(0, 255).round().to(torch.uint8)
+    ours = top_minus_bottom(B.augment_batch(images, recipe))
+    pil = augment.to_torchvision(recipe)
+    theirs = top_minus_bottom(torch.stack([pil(Image.fromarray(im.numpy())) for im in images]))
+    d, p = ks_two_sample(ours, theirs)
+    assert p > 0.01, (d, p, ours.mean(), theirs.mean())
+    assert (theirs > 0).float().mean() > 0.75  # most views stay upright (solarize and crops flip a few)
