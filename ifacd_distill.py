@@ -142,7 +142,7 @@ def ifacd_loss(features, temperature):
     n, V, D = features.shape
     z = F.normalize(features, dim=2).reshape(n * V, D)  # (nV, D): row i*V + v = view v of image i
     z_all = dist.gather_with_grad(z)  # (W*nV, D): rank r's rows at [nV*r, nV*(r+1))
-    offset = n * V * torch.distributed.get_rank()
+    offset = n * V * dist.rank()
     logits = z @ z_all.T / temperature  # (nV, W*nV)
     rows = torch.arange(n * V, device=z.device)
     cols = torch.arange(z_all.shape[0], device=z.device)
@@ -177,7 +177,7 @@ class CRDMemory(nn.Module):
     def fix_normalisers(self, e_s, e_t):
         """Z = mean score x n_data on the first batch (mean over all ranks, so every rank holds the same Z)."""
         if self.z[0] < 0:
-            means = dist.all_reduce_sum(torch.stack([e_s.mean(), e_t.mean()])) / torch.distributed.get_world_size()
+            means = dist.all_reduce_sum(torch.stack([e_s.mean(), e_t.mean()])) / dist.world_size()
             self.z.copy_(means * self.bank_s.shape[0])
         return self.z
 

@@ -158,7 +158,7 @@ def mocov3_loss(q, k, temperature):
     k_all = dist.gather(k)  # (W*n, D): rank r's keys at rows [r*n, (r+1)*n)
     logits = q @ k_all.T / temperature  # (n, W*n)
     n = q.shape[0]
-    labels = torch.arange(n, device=q.device) + torch.distributed.get_rank() * n
+    labels = torch.arange(n, device=q.device) + dist.rank() * n
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 

@@ -251,7 +251,7 @@ def contrastive_loss(q, k, temperature, num_layers=1):
     q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
     logits = q @ dist.gather(k).T / temperature  # (num_layers * n, W * n)
     n = k.shape[0]
-    labels = (torch.arange(n, device=q.device) + torch.distributed.get_rank() * n).repeat(num_layers)
+    labels = (torch.arange(n, device=q.device) + dist.rank() * n).repeat(num_layers)
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
@@ -271,7 +271,7 @@ def nt_xent_loss(q, z, temperature, num_layers=1):
     image i is masked (for q = z that is the anchor itself). Mean cross-entropy over all anchors, no 2 tau factor."""
     q = F.normalize(q, dim=1)
     z_all = F.normalize(dist.gather_with_grad(z) if z.requires_grad else dist.gather(z), dim=1)  # (W * 2n, D)
-    n2, offset = z.shape[0], z.shape[0] * torch.distributed.get_rank()
+    n2, offset = z.shape[0], z.shape[0] * dist.rank()
     own = (torch.arange(n2, device=q.device) + offset).repeat(num_layers)  # same view, same image: masked
     positive = ((torch.arange(n2, device=q.device) + n2 // 2) % n2 + offset).repeat(num_layers)
     logits = (q @ z_all.T / temperature).scatter(1, own[:, None], float("-inf"))  # (num_layers * 2n, W * 2n)

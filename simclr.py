@@ -104,7 +104,7 @@ def simclr_loss(z1, z2, temperature):
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2n, D): view-1 rows, then view-2 rows
     z_all = dist.gather_with_grad(z)  # (W*2n, D): rank r's rows at [2n*r, 2n*(r+1))
-    n, offset = z1.shape[0], 2 * z1.shape[0] * torch.distributed.get_rank()
+    n, offset = z1.shape[0], 2 * z1.shape[0] * dist.rank()
     logits = z @ z_all.T / temperature  # (2n, W*2n) cosine similarities / tau
     rows = torch.arange(2 * n, device=z.device)
     self_mask = torch.zeros_like(logits, dtype=torch.bool)

@@ -59,12 +59,22 @@ def per_rank(batch_size, world_size):
     return batch_size // world_size
 
 
+def world_size():
+    """The number of ranks; 1 when no process group was started (a loss called from a notebook or a unit test)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    """This process's rank; 0 when no process group was started."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient w.r.t. our slice back to us (sum over ranks)."""
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        out = [torch.empty_like(x) for _ in range(world_size())]
         dist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
@@ -72,13 +82,13 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # each rank's loss put gradient on every slice; add them up
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n:(rank() + 1) * n]
 
 
 def gather_with_grad(x):
     """(n, ...) on every rank -> (world*n, ...) in rank order; gradients flow back to every rank's x."""
-    if dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
 
@@ -86,9 +96,9 @@ def gather_with_grad(x):
 @torch.no_grad()
 def gather(x):
     """(n, ...) on every rank -> (world*n, ...) in rank order, no gradient (targets, keys, features)."""
-    if dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
 
@@ -106,7 +116,7 @@ def gather_uneven(x):
 def all_reduce_sum(x):
     """Sum a tensor over ranks (no gradient; for counts and meters)."""
     x = x.clone()
-    if dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(x)
     return x
 
@@ -143,6 +153,6 @@ def prepare(model, ctx, sync_bn, compile=False, channels_last=False):
 def broadcast_buffers(module, src=0):
     """Copy rank src's buffers (BN running statistics) to every rank: EMA teachers live outside DDP, so theirs
     drift apart; evaluate them with one rank's."""
-    if torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         for b in module.buffers():
             dist.broadcast(b, src=src)

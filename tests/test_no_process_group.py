@@ -1,0 +1,50 @@
+"""Every loss runs as plain PyTorch in a process that never starts a process group (a notebook, a unit test, a
+coursework file that copies one loss): it then behaves as world size 1 and equals the value under a 1-process group."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, _env
+
+# Each entry: the import, then an expression of fixed inputs (seeded) whose value is printed.
+CASES = {
+    "simclr_loss": "from simclr import simclr_loss as f; v = f(a, b, 0.5)",
+    "mocov3_loss": "from mocov3 import mocov3_loss as f; v = f(a, b, 0.2)",
+    "sdssl.contrastive_loss": "from sdssl import contrastive_loss as f; v = f(torch.cat([a, a]), b, 0.2, 2)",
+    "sdssl.nt_xent_loss": "from sdssl import nt_xent_loss as f; v = f(torch.cat([a, b]), torch.cat([a, b]), 0.2)",
+    "msbreg.singular_value_loss": "from msbreg import singular_value_loss as f; v = f(torch.stack([a, b]))",
+    "msbreg_loss": "from msbreg import msbreg_loss as f; v = f(torch.stack([a, b]), torch.stack([b, a]), "
+                   "torch.stack([a, a]))[0]",
+    "ifacd_loss": "from ifacd_distill import ifacd_loss as f; v = f(torch.stack([a, b], dim=1), 0.07)",
+}
+PROGRAM = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+torch.manual_seed(0)
+a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+out = {{}}
+for name, code in {cases!r}.items():
+    scope = dict(torch=torch, a=a, b=b)
+    exec(code, scope)
+    out[name] = float(scope["v"])
+out["group"] = torch.distributed.is_initialized()
+print(json.dumps(out))
+"""
+
+
+def run(setup=""):
+    code = setup + PROGRAM.format(root=ROOT, cases=CASES)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_losses_without_a_process_group_equal_world_size_one():
+    plain = run()  # never initialises a process group
+    grouped = run("import torch.distributed as d\n"
+                  "d.init_process_group('gloo', store=d.HashStore(), rank=0, world_size=1)\n")
+    assert not plain.pop("group") and grouped.pop("group")
+    assert plain.keys() == CASES.keys()
+    for name in CASES:
+        assert plain[name] == grouped[name], name
