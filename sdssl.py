@@ -152,11 +152,14 @@ class SDSSL(nn.Module):
 
     forward(views) -> per view (h, q, q_pred), each (K, n, proj_dim) for the K = len(layers) + 1 used layers (the
     intermediate ones, then the last): h projections, q = pred(h) predictions, q_pred = pred(sg h) for L_pred (Eq. 5).
-    q and q_pred are None without predictors (SimCLR); q_pred is None without L_pred."""
+    q and q_pred are None without predictors (SimCLR); q_pred is None without L_pred. With isd_head 'none' the
+    intermediate layers have no projector (their predictors read the CLS, width embed_dim), so h is the last
+    layer's projection only, (1, n, proj_dim): no loss reads h there (it is refused for SimCLR)."""
 
     def __init__(self, cfg, backbone, layers):
         super().__init__()
         self.backbone, self.layers, self.pred_loss = backbone, layers, cfg.pred_loss
+        self.raw_isd = cfg.isd_head == "none"
         self.vit = models.is_vit(cfg.arch)
         self.projector, self.predictor, self.isd_projector, self.isd_predictor = build_heads(cfg, backbone, layers)
 
@@ -193,7 +196,8 @@ class SDSSL(nn.Module):
             if last is None:
                 return None
             return last[None] if isd is None else torch.cat([isd[:, i * n:(i + 1) * n], last[None]])
-        return [(view_rows(h_isd, h_last[i], i), view_rows(q_isd, q_last[i], i), view_rows(qp_isd, qp_last[i], i))
+        h_rows = None if self.raw_isd else h_isd  # 'none': the raw CLS rows (embed_dim wide) are not projections
+        return [(view_rows(h_rows, h_last[i], i), view_rows(q_isd, q_last[i], i), view_rows(qp_isd, qp_last[i], i))
                 for i in range(v)]
 
 
@@ -282,7 +286,7 @@ def sdssl_loss(cfg, student_out, teacher_out, alpha):
     """Eq. 6 / Alg. 1 for the framework; returns (total, {term: value}). student_out: per view (h, q, q_pred), each
     (K, n, D); teacher_out: per view z_L (n, D) (None for SimCLR)."""
     (h1, q1, qp1), (h2, q2, qp2) = student_out
-    k = h1.shape[0]  # layers used: K - 1 intermediate + the last
+    k = (h1 if q1 is None else q1).shape[0]  # layers used: K - 1 intermediate + the last
     terms = {}
     if cfg.framework == "simclr":
         u = torch.cat([h1[-1], h2[-1]])  # (2n, D): the final projections of both views

@@ -171,3 +171,27 @@ def test_isd_head_none_needs_a_predictor():
     cfg = cfg_for("--framework", "simclr", "--isd_head", "none")
     with pytest.raises(config.ConfigError, match="needs a ViT and a predictor"):
         sdssl.SDSSL(cfg, models.build_model("vit_debug", image_size=32, patch_size=8), [1])
+
+
+@pytest.mark.parametrize("framework", ["mocov3", "byol"])
+def test_isd_head_none_on_a_vit_wider_than_the_projection(process_group, framework):
+    """Table 6 'w/o MLP': the intermediate predictors read the CLS token itself (width embed_dim = 32 here), while
+    the last layer's heads end at proj_dim = 16, as on every real ViT (384/768 vs 256). The loss runs, and its
+    isd term is the framework's L_ssl of pred_l(CLS_l) against the other view's teacher output."""
+    torch.manual_seed(0)
+    cfg = cfg_for("--framework", framework, "--isd_head", "none", "--proj_dim", "16")
+    vit = models.build_model("vit_debug", image_size=32, patch_size=8, num_heads=2)
+    model = sdssl.SDSSL(cfg, vit, [1])
+    teacher = sdssl.Teacher(model)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    out = model([x1, x2])
+    z = (teacher(x1), teacher(x2))
+    loss, terms = sdssl.sdssl_loss(cfg, out, z, alpha=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and set(terms) == {"ssl", "isd", "pred"}
+    assert model.isd_predictor.weights[0].shape[1] == 32  # the predictor's input is the 32-wide CLS
+    with torch.no_grad():
+        cls = [model.layer_features(x)[0] for x in (x1, x2)]  # block 1's normed CLS per view, (4, 32)
+        q = [model.isd_predictor(c[None])[0] for c in cls]  # (4, 16)
+        ssl = (lambda a, b: sdssl.contrastive_loss(a, b, 0.2)) if framework == "mocov3" else sdssl.regression_loss
+        torch.testing.assert_close(terms["isd"], ssl(q[0], z[1]) + ssl(q[1], z[0]))
