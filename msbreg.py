@@ -21,7 +21,8 @@ Known deviations and choices (! = left open by the paper, METHODS.md section 7)
 - ! L_s uses the unnormalised predictions p, as Eq. 5 is written (the text says "projections p^").
 - ! L_s is computed over the global batch (all ranks' predictions, gathered with gradient): n in Eq. 5 is the
   global batch, so the loss does not depend on the GPU count.
-- The centroid (1/K) sum_l z^'_l includes view j itself and is not re-normalised (Eq. 3 read literally).
+- The centroid (1/K) sum_l z^'_l includes view j itself and is not re-normalised (Eq. 3 read literally; the K = 4/8
+  configs).
 - ! Target decay tau: BYOL's cosine schedule 0.996 -> 1 per step (the paper gives no values and calls its EMA
   "bias-corrected" without saying more; this is the plain EMA xi <- tau xi + (1 - tau) theta, after every step).
 - ! Augmentation: Table 9's single recipe for all K views (no BYOL asymmetry); crop scale 0.08-1, blur kernel 10% of
@@ -30,9 +31,12 @@ Known deviations and choices (! = left open by the paper, METHODS.md section 7)
   forwards its two views separately). SyncBN on GPUs by default; on the CPU BN statistics are per rank.
 - ! Heads: Linear -> BN (or LN) -> ReLU -> Linear with bias, no output norm (BYOL). ResNet-50: BYOL's 4096 -> 256.
   The backbones keep BatchNorm under --head_norm ln (Table 13 replaces BN "in the prediction and projection heads").
-- ! --centroid false (Table 8 "L_c x" rows) replaces Eq. 3 by BYOL's cross-view loss averaged over the K(K-1)
-  ordered pairs j != l, which for K = 2 is half of BYOL's symmetrised loss (the paper says K = 2 "is the same as
-  BYOL" and does not give the form). lambda_s = 0 / lambda_b = 0 switch the other two terms off.
+- ! --centroid none (Table 8's "L_c x" rows, which are BYOL) replaces Eq. 3 by BYOL's loss summed over the K(K-1)
+  ordered pairs of different views (the form of the paper's multi-crop BYOL, App. Table 7); for K = 2 it is BYOL's
+  symmetrised loss exactly, which the K = 2 config uses ("the case of K = 2 is the same as BYOL setting": Eq. 3 at
+  K = 2 would also pull each view to its own target). --centroid others pulls view j to the centroid of the other
+  K - 1 targets (a reading of Eq. 3 that never compares a view with its own target; half of BYOL at K = 2); the
+  K = 4/8 configs keep Eq. 3 as written. lambda_s = 0 / lambda_b = 0 switch the other two terms off.
 - ! LARS momentum 0.9, trust coefficient 1e-3 (BYOL's; not given). ImageNet-100 runs 320 epochs (Sec. 7.1; the
   Table 11 text says 300). STL-10 at 96 px uses the ImageNet stem (the paper does not say).
 - k-NN monitor (weighted, T = 0.07, k = 5 / 20 / 200) on the target backbone instead of the paper's linear probe.
@@ -86,7 +90,9 @@ class Config:
                          choices=("bn", "ln"))
     sync_bn: bool = arg(True, "SyncBN across GPUs (global batch statistics); ignored on the CPU")
     # loss
-    centroid: bool = arg(True, "multiview centroid loss L_c (Eq. 3); false = BYOL's cross-view pairs (Table 8)")
+    centroid: str = arg("all", "L_c: all (Eq. 3, the centroid of all K target views), others (leave-one-out "
+                               "centroid) or none (BYOL's loss over all view pairs: Table 8's BYOL rows, K = 2)",
+                        choices=("all", "others", "none"))
     lambda_s: float = arg(4e-3, "weight of the singular value loss L_s (Table 11: 4e-3; 0 = off)")
     lambda_b: float = arg(0.5, "weight of the Brownian diffusion loss L_b (Table 11: 0.5; STL-10 LN: 5e-3; 0 = off)")
     target_decay: float = arg(0.996, "initial EMA rate tau of the target, cosine to 1 (not given; BYOL's 0.996)")
@@ -125,25 +131,32 @@ class MSBRegNet(nn.Module):
         return z if self.predictor is None else (z, self.predictor(z))
 
 
-def centroid_loss(p, z):
+def centroid_loss(p, z, leave_one_out=False):
     """Multiview centroid loss L_c (Eq. 3), averaged over the batch.
 
     p: (K, B, D) online predictions; z: (K, B, D) target projections (stop-gradient here). Both are L2-normalised;
     L_c = 1/K sum_j || p^_j - 1/K sum_l z^'_l ||^2, the centroid including view j and not re-normalised. Up to a
     constant of the target, this is the mean over all K^2 pairs (j, l) of || p^_j - z^'_l ||^2 (Sec. 3.2).
+    leave_one_out: view j's centroid is that of the other K - 1 target views, 1/(K-1) sum_{l != j} z^'_l (so view
+    j is never pulled to its own target, as in BYOL; for K = 2 this is half of BYOL's symmetrised loss).
     """
+    k = p.shape[0]
     p = F.normalize(p, dim=-1)
-    c = F.normalize(z.detach(), dim=-1).mean(dim=0)  # (B, D): centroid of the K normalised target views
+    z = F.normalize(z.detach(), dim=-1)
+    c = z.mean(dim=0)  # (B, D): centroid of the K normalised target views
+    if leave_one_out:
+        c = (k * c - z) / (k - 1)  # (K, B, D): view j's centroid without z^'_j
     return (p - c).pow(2).sum(dim=-1).mean()  # mean over the K views and the B images
 
 
 def cross_view_loss(p, z):
-    """BYOL's loss (Eq. 1) over every ordered pair of different views, || p^_j - z^'_l ||^2 = 2 - 2 cos, j != l,
-    averaged over the K(K-1) pairs and the batch: the "without L_c" ablation (Table 8). p, z: (K, B, D)."""
+    """The "without L_c" loss (Table 8's BYOL rows; the multi-crop BYOL of App. Table 7): BYOL's || p^_j - z^'_l ||^2
+    = 2 - 2 cos summed over every ordered pair of different views j != l, averaged over the batch. For K = 2 this is
+    BYOL's symmetrised loss L + L~ (Eq. 1). p, z: (K, B, D)."""
     k = p.shape[0]
     cos = torch.einsum("jbd,lbd->jlb", F.normalize(p, dim=-1), F.normalize(z.detach(), dim=-1))  # (K, K, B)
     pairs = ~torch.eye(k, dtype=torch.bool, device=p.device)  # (K, K): drop j == l
-    return (2 - 2 * cos[pairs]).mean()
+    return (2 - 2 * cos[pairs]).view(k * (k - 1), -1).sum(dim=0).mean()  # sum over pairs, mean over images
 
 
 def singular_value_loss(p):
@@ -176,10 +189,11 @@ def brownian_loss(p, n):
     return (F.normalize(n, dim=-1) * F.normalize(p, dim=-1)).sum(dim=-1).mean()
 
 
-def msbreg_loss(p, z, n, lambda_s=4e-3, lambda_b=0.5, centroid=True):
+def msbreg_loss(p, z, n, lambda_s=4e-3, lambda_b=0.5, centroid="all"):
     """Eq. 2: L = L_c + lambda_s L_s + lambda_b L_b. p, z, n: (K, B, D) predictions, target projections, noise.
-    centroid=False swaps L_c for BYOL's cross-view loss (Table 8). Returns (loss, detached parts for logging)."""
-    l_c = centroid_loss(p, z) if centroid else cross_view_loss(p, z)
+    centroid: 'all' (Eq. 3), 'others' (leave-one-out centroid) or 'none' (BYOL's cross-view loss instead of L_c,
+    Table 8). Returns (loss, detached parts for logging)."""
+    l_c = cross_view_loss(p, z) if centroid == "none" else centroid_loss(p, z, leave_one_out=centroid == "others")
     l_s = singular_value_loss(p)
     l_b = brownian_loss(p, n)
     loss = l_c + lambda_s * l_s + lambda_b * l_b

@@ -111,10 +111,12 @@ def test_analytic_cases_and_cross_view_form():
     same = p.detach()[:1].expand(K, B, D)
     assert centroid_loss(same, 2.5 * same) < 1e-12  # every view identical and aligned with the target
     torch.testing.assert_close(brownian_loss(-3.0 * n, n), torch.tensor(-1.0, dtype=torch.float64))
-    # For K = 2 the cross-view form is half of BYOL's symmetrised loss (2 - 2cos(p1, z2)) + (2 - 2cos(p2, z1)).
+    # For K = 2 the cross-view form is BYOL's symmetrised loss (2 - 2cos(p1, z2)) + (2 - 2cos(p2, z1)), and the
+    # leave-one-out centroid is half of it.
     cos = nn.functional.cosine_similarity
     byol = (2 - 2 * cos(p[0], z[1], dim=-1)).mean() + (2 - 2 * cos(p[1], z[0], dim=-1)).mean()
-    torch.testing.assert_close(cross_view_loss(p[:2], z[:2]), byol / 2)
+    torch.testing.assert_close(cross_view_loss(p[:2], z[:2]), byol)
+    torch.testing.assert_close(centroid_loss(p[:2], z[:2], leave_one_out=True), byol / 2)
 
 
 def test_msbreg_loss_combines_the_terms(process_group):
@@ -122,8 +124,34 @@ def test_msbreg_loss_combines_the_terms(process_group):
     loss, parts = msbreg_loss(p, z, n, lambda_s=0.01, lambda_b=0.3)
     torch.testing.assert_close(loss, centroid_loss(p, z) + 0.01 * singular_value_loss(p) + 0.3 * brownian_loss(p, n))
     assert parts["loss_c"] == centroid_loss(p, z) and not parts["loss_s"].requires_grad
-    no_c, _ = msbreg_loss(p, z, n, lambda_s=0.0, lambda_b=0.0, centroid=False)
+    no_c, _ = msbreg_loss(p, z, n, lambda_s=0.0, lambda_b=0.0, centroid="none")
     torch.testing.assert_close(no_c, cross_view_loss(p, z))
+    others, _ = msbreg_loss(p, z, n, lambda_s=0.0, lambda_b=0.0, centroid="others")
+    torch.testing.assert_close(others, centroid_loss(p, z, leave_one_out=True))
+
+
+def ref_leave_one_out(p, z):  # Eq. 3 with view j's centroid taken over the other K - 1 target views
+    total = 0.0
+    for b in range(B):
+        for j in range(K):
+            c = sum(unit(z[l, b].detach()) for l in range(K) if l != j) / (K - 1)
+            total = total + ((unit(p[j, b]) - c) ** 2).sum() / K
+    return total / B
+
+
+def ref_cross_view(p, z):  # sum over ordered pairs j != l of 2 - 2 cos(p_j, z_l), mean over images
+    return sum(2 - 2 * torch.dot(unit(p[j, b]), unit(z[l, b].detach()))
+               for b in range(B) for j in range(K) for l in range(K) if j != l) / B
+
+
+@pytest.mark.parametrize("fn, ref", [(lambda p, z: centroid_loss(p, z, leave_one_out=True), ref_leave_one_out),
+                                     (cross_view_loss, ref_cross_view)], ids=["leave_one_out", "cross_view"])
+def test_centroid_options_match_loop_references(fn, ref):
+    p, z, _ = make_inputs(6)
+    value, grad = value_and_grad(fn, p, z)
+    ref_value, ref_grad = value_and_grad(ref, p, z)
+    torch.testing.assert_close(value, ref_value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-6)
 
 
 def test_brownian_noise_is_shared_by_the_views_of_an_image_only():
@@ -220,3 +248,22 @@ def test_two_ranks_k4_smoke_and_bit_exact_resume(image_folder, tmp_path):
     b = load_ckpt(resumed)
     for name in ("model", "teacher", "optimizer"):
         assert_same_tensors(blob[name], b[name], name)
+
+
+def test_k2_config_is_byol(process_group):
+    """The paper: "the case of K = 2 is the same as BYOL setting" (Tables 8 and 11 share BYOL's 71.92). With the
+    K = 2 config's flags and lambda_s = lambda_b = 0, the loss is BYOL's symmetrised loss, (2 - 2 cos(p1, sg z2)) +
+    (2 - 2 cos(p2, sg z1)), in value and gradient: no cos(p1, z1) or cos(p2, z2) term, and not half of it."""
+    import byol
+    import msbreg
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "msbreg",
+                        "imagenet100_resnet18_k2.yaml")
+    cfg = config.parse(msbreg.Config, ["--config", path, "--lambda_s", "0", "--lambda_b", "0"])
+    assert cfg.num_views == 2
+    p, z, n = (t[:2] for t in make_inputs(5))
+    ours, parts = msbreg_loss(p, z, n, cfg.lambda_s, cfg.lambda_b, cfg.centroid)
+    ref = byol.byol_loss(p[0], z[1]) + byol.byol_loss(p[1], z[0])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    g_ours, = torch.autograd.grad(ours, p)
+    g_ref, = torch.autograd.grad(ref, p)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-12)
