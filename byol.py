@@ -12,7 +12,8 @@ Reproduces
 - ResNet-50 on ImageNet (default; `configs/byol/imagenet_resnet50.yaml`): Sec. 3.3: batch 4096, LARS
   base lr 0.2 x B/256, wd 1.5e-6 (biases and BN excluded from wd and LARS adaptation), 10 warmup epochs then
   cosine, 1000 epochs, tau_base 0.996, projector and predictor Linear 4096 -> BN -> ReLU -> Linear 256 (no output
-  BN), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 / 0.2). Paper: 74.3% linear top-1.
+  BN), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 / 0.2), the last BN of every residual
+  block initialised to zero (haiku BlockV1 in the authors' code). Paper: 74.3% linear top-1.
 - ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's BYOL baseline (Jang et al., arXiv:2111.12958, Table 1; code
   `pl_train_byol.py`): 6 heads, frozen patch projection, MoCo v3 heads without output BN (3-layer projector
   4096 -> 256, 2-layer predictor), AdamW base lr 1.5e-4, wd 0.1 (biases and 1-D excluded), 40 warmup epochs,
@@ -63,6 +64,8 @@ class Config:
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12; SDSSL's ViT-S uses 6)")
     freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (MoCo v3, SDSSL)")
+    zero_init_residual: bool = arg(True, "ResNet: zero-init the last BN of each block (BYOL's haiku BlockV1; "
+                                         "solo-learn's CIFAR runs: false)")
     proj_hidden_dim: int = arg(4096, "projector hidden width (paper: 4096)")
     proj_dim: int = arg(256, "projector / predictor output dimension (paper: 256)")
     pred_hidden_dim: int = arg(4096, "predictor hidden width (paper: 4096)")
@@ -113,7 +116,8 @@ class BYOL(nn.Module):
 
 def build_model(cfg, size):
     backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
-                                  stop_grad_patch_embed=cfg.freeze_patch_embed)
+                                  stop_grad_patch_embed=cfg.freeze_patch_embed,
+                                  zero_init_residual=cfg.zero_init_residual)
     if models.is_vit(cfg.arch):
         # SDSSL's ViT baseline: MoCo v3's heads (3-layer projector, 2-layer predictor, bias-free Linears) without
         # the output BN ("BN ... to all output layers except BYOL", SDSSL Sec. 4.1).

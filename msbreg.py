@@ -37,8 +37,9 @@ Known deviations and choices (! = left open by the paper, METHODS.md section 7)
   K = 2 would also pull each view to its own target). --centroid others pulls view j to the centroid of the other
   K - 1 targets (a reading of Eq. 3 that never compares a view with its own target; half of BYOL at K = 2); the
   K = 4/8 configs keep Eq. 3 as written. lambda_s = 0 / lambda_b = 0 switch the other two terms off.
-- ! LARS momentum 0.9, trust coefficient 1e-3 (BYOL's; not given). ImageNet-100 runs 320 epochs (Sec. 7.1; the
-  Table 11 text says 300). STL-10 at 96 px uses the ImageNet stem (the paper does not say).
+- ! LARS momentum 0.9, trust coefficient 1e-3, zero-initialised last BN of every residual block (BYOL's; not
+  given). ImageNet-100 runs 320 epochs (Sec. 7.1; the Table 11 text says 300). STL-10 at 96 px uses the ImageNet
+  stem (the paper does not say).
 - k-NN monitor (weighted, T = 0.07, k = 5 / 20 / 200) on the target backbone instead of the paper's linear probe.
 Collapse check (Table 13: BYOL with LayerNorm heads collapses, L_b prevents it): compare `embed_std` in log.jsonl,
 the per-dimension std of the L2-normalised online projections (about 1/sqrt(proj_dim) when healthy, -> 0 collapsed):
@@ -86,6 +87,7 @@ class Config:
                     choices=("resnet18", "resnet50"))
     proj_hidden_dim: int = arg(512, "hidden width of projector and predictor (paper R18: 512; BYOL R50: 4096)")
     proj_dim: int = arg(128, "output width of projector and predictor (paper R18: 128; BYOL R50: 256)")
+    zero_init_residual: bool = arg(True, "zero-init the last BN of each residual block (not given; BYOL's init)")
     head_norm: str = arg("bn", "norm in the heads' hidden layer (Table 13: ln, where BYOL collapses)",
                          choices=("bn", "ln"))
     sync_bn: bool = arg(True, "SyncBN across GPUs (global batch statistics); ignored on the CPU")
@@ -223,7 +225,7 @@ def msbreg_recipe(size, crop_min):
 
 
 def build_model(cfg, size):
-    backbone = models.build_model(cfg.arch, image_size=size)
+    backbone = models.build_model(cfg.arch, image_size=size, zero_init_residual=cfg.zero_init_residual)
 
     def head(in_dim):  # Sec. 7.2: 2-layer MLP, BN (or LN, Table 13) + ReLU, no norm on the output (BYOL)
         return models.mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_norm=False, norm=cfg.head_norm,

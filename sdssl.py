@@ -26,8 +26,8 @@ Known deviations and choices
   byol/simclr configs follow.
 - Teacher momentum 0.996 -> 1 as the authors' code (MoCo v3's own default is 0.99).
 - --isd_every n puts heads on blocks n, 2n, ... < L (the paper does not say which blocks MLP/n uses).
-- ResNet variant: heads on stages 1-3 (the 4th is the final output), 2-layer projectors and predictors as MoCo v3's
-  ResNet recipe (S001 gives no head sizes for it); the intermediate ResNet heads run in a loop (different widths).
+- ResNet variant: heads on stages 1-3 (the 4th is the final output), 2-layer projectors and predictors and
+  zero-initialised residual BNs as MoCo v3's ResNet recipe (S001 gives no head sizes or init for it); the intermediate ResNet heads run in a loop (different widths).
 - bf16 autocast on CUDA by default (the authors trained in fp32: --amp none); the k-NN monitor uses the teacher
   backbone (the student's for SimCLR).
 
@@ -78,6 +78,7 @@ class Config:
     patch_size: int = arg(16, "ViT patch size (Table 1: 32 and 16)")
     num_heads: int = arg(0, "ViT attention heads; 0 = the arch's default (ViT-S: 12 as MoCo v3; the authors' ViT-S: 6)")
     freeze_patch_embed: bool = arg(True, "frozen random patch projection (MoCo v3 Sec. 4.2; SDSSL Sec. 4.1)")
+    zero_init_residual: bool = arg(True, "ResNet: zero-init the last BN of each block (MoCo v3's ResNet recipe)")
     proj_hidden_dim: int = arg(4096, "last block's projector hidden width (4096)")
     isd_hidden_dim: int = arg(2048, "intermediate projectors' hidden width (2048)")
     proj_dim: int = arg(256, "output dimension of every projector and predictor (256)")
@@ -227,6 +228,14 @@ def build_heads(cfg, backbone, layers):
     return projector, predictor, isd_proj, isd_pred
 
 
+def build_student(cfg, size):
+    """The backbone with the plain method's heads and the self-distillation heads of isd_layers."""
+    backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
+                                  stop_grad_patch_embed=cfg.freeze_patch_embed,
+                                  zero_init_residual=cfg.zero_init_residual)
+    return SDSSL(cfg, backbone, isd_layers(cfg, backbone.depth if models.is_vit(cfg.arch) else 4))
+
+
 class Teacher(nn.Module):
     """BYOL / MoCo v3 teacher: EMA copies of the backbone and of the last projector only (Sec. 4.1). x -> z_L."""
 
@@ -362,11 +371,8 @@ def main():
     knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
 
     # ----- model: student with per-layer heads (DDP), teacher = EMA of backbone + last projector -----
-    backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
-                                  stop_grad_patch_embed=cfg.freeze_patch_embed)
-    depth = backbone.depth if models.is_vit(cfg.arch) else 4
-    model, model_ddp, note = dist.prepare(SDSSL(cfg, backbone, isd_layers(cfg, depth)), ctx, cfg.sync_bn, cfg.compile,
-                                          channels_last)
+    model, model_ddp, note = dist.prepare(build_student(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)
+    depth = model.backbone.depth if models.is_vit(cfg.arch) else 4
     teacher = Teacher(model) if cfg.framework != "simclr" else None  # copied after DDP broadcast rank 0's weights
     heads = models.count_params(model) - models.count_params(model.backbone)
     print0(f"{note}; SD-{cfg.framework}, self-distillation on blocks {model.layers} of {depth}; backbone "

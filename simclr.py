@@ -7,7 +7,8 @@ global batch (gathered from every GPU, with gradient). The backbone is kept, the
 Reproduces
 - CIFAR-10 (default; `configs/simclr/cifar10_resnet18.yaml`): the authors' CIFAR-10 command (App. B.9 and the
   official README): ResNet-18 with the CIFAR stem, batch 512, 1000 epochs, LARS with lr 1.0 x B/256, wd 1e-4,
-  10 warmup epochs then cosine, tau 0.5, colour strength 0.5, no blur, 2-layer head 512 -> 128.
+  10 warmup epochs then cosine, tau 0.5, colour strength 0.5, no blur, 2-layer head 512 -> 128, the last BN of
+  every residual block initialised to zero (the TF code's init_zero=True, also for ImageNet).
 - ImageNet ResNet-50 (`imagenet_resnet50.yaml`): Sec. 4 / App. B: batch 4096, LARS lr 0.3 x B/256, wd 1e-6, tau 0.1,
   2-layer head 2048 -> 128, 100 epochs (the paper also reports 1000).
 - ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's SimCLR baseline (Jang et al., arXiv:2111.12958): BYOL asymmetric
@@ -54,6 +55,7 @@ class Config:
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12, as MoCo v3)")
     freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (MoCo v3, SDSSL)")
+    zero_init_residual: bool = arg(True, "ResNet: zero-init the last BN of each block (TF code: init_zero=True)")
     proj_hidden_dim: int = arg(512, "projection head hidden width (paper: = backbone width, 2048 for R50)")
     proj_dim: int = arg(128, "projection output dimension (paper: 128)")
     proj_layers: int = arg(2, "projection head layers (paper: 2; SDSSL ViT: 3)")
@@ -122,7 +124,8 @@ def view_recipes(cfg, size):
 
 def build_model(cfg, size):
     backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
-                                  stop_grad_patch_embed=cfg.freeze_patch_embed)
+                                  stop_grad_patch_embed=cfg.freeze_patch_embed,
+                                  zero_init_residual=cfg.zero_init_residual)
     projector = models.mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_norm=True)
     return SimCLR(backbone, projector)
 
