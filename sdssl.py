@@ -27,7 +27,8 @@ Known deviations and choices
 - Teacher momentum 0.996 -> 1 as the authors' code (MoCo v3's own default is 0.99).
 - --isd_every n puts heads on blocks n, 2n, ... < L (the paper does not say which blocks MLP/n uses).
 - ResNet variant: heads on stages 1-3 (the 4th is the final output), 2-layer projectors and predictors and
-  zero-initialised residual BNs as MoCo v3's ResNet recipe (S001 gives no head sizes or init for it); the intermediate ResNet heads run in a loop (different widths).
+  zero-initialised residual BNs as MoCo v3's ResNet recipe (S001 gives no head sizes or init for it); the
+  intermediate ResNet heads run in a loop (different widths).
 - bf16 autocast on CUDA by default (the authors trained in fp32: --amp none); the k-NN monitor uses the teacher
   backbone (the student's for SimCLR).
 
