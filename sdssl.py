@@ -162,6 +162,7 @@ class SDSSL(nn.Module):
         super().__init__()
         self.backbone, self.layers, self.pred_loss = backbone, layers, cfg.pred_loss
         self.raw_isd = cfg.isd_head == "none"
+        self.joint = cfg.framework == "simclr"  # one forward pass over all views (BN over 2n), as simclr.py
         self.vit = models.is_vit(cfg.arch)
         self.projector, self.predictor, self.isd_projector, self.isd_predictor = build_heads(cfg, backbone, layers)
 
@@ -175,23 +176,30 @@ class SDSSL(nn.Module):
         return [s.mean(dim=(2, 3)) for s in [stages[l - 1] for l in self.layers] + [stages[-1]]]
 
     def forward(self, views):
-        """views: [(n, 3, H, W)] -> per view (h, q, q_pred). The backbone and the last layer's heads see one view
-        at a time (BN statistics per view, as MoCo v3 / BYOL); the batched intermediate heads take every view (and,
-        for L_pred, the detached copies) in one pass, with per-view BN statistics."""
-        feats = [self.layer_features(x) for x in views]  # per view: [(n, d_l)] intermediate layers, then the last
+        """views: [(n, 3, H, W)] -> per view (h, q, q_pred). MoCo v3 / BYOL: the backbone and the last layer's heads
+        see one view at a time (BN statistics per view, as their code); SimCLR: the views go through as one batch,
+        BN over all of them (simclr.py, the authors' SimCLR path). The batched intermediate heads take every view
+        (and, for L_pred, the detached copies) in one pass, with the same BN grouping."""
         v, n, pred = len(views), views[0].shape[0], self.predictor is not None
-        h_last = [self.projector(f[-1]) for f in feats]  # per view (n, D)
+        if self.joint:  # per layer (v*n, d_l): the views' rows one after the other
+            feats = self.layer_features(torch.cat(views))
+            h_last = list(self.projector(feats[-1]).chunk(v))  # per view (n, D), BN over v*n rows
+        else:
+            per_view = [self.layer_features(x) for x in views]  # per view: [(n, d_l)] intermediate layers, the last
+            feats = [torch.cat(f) for f in zip(*per_view)]  # per layer (v*n, d_l)
+            h_last = [self.projector(f[-1]) for f in per_view]  # per view (n, D)
+        groups = 1 if self.joint else v  # BN groups of rows in the intermediate heads
         q_last = [self.predictor(h) if pred else None for h in h_last]
         qp_last = [self.predictor(h.detach()) if pred and self.pred_loss else None for h in h_last]
         h_isd = q_isd = qp_isd = None
         if self.layers and isinstance(self.isd_projector, BatchedMLP):
-            x = torch.cat([torch.stack(f[:-1]) for f in feats], dim=1)  # (K-1, v*n, d): the views side by side
-            h_isd = self.isd_projector(x, groups=v)  # (K-1, v*n, D)
-        elif self.layers:  # one head per layer (ResNet stages differ in width; 'none' = the CLS), view by view
-            h_isd = torch.stack([torch.cat([head(f[j]) for f in feats]) for j, head in enumerate(self.isd_projector)])
+            h_isd = self.isd_projector(torch.stack(feats[:-1]), groups=groups)  # (K-1, v*n, D)
+        elif self.layers:  # one head per layer (ResNet stages differ in width; 'none' = the CLS), group by group
+            h_isd = torch.stack([torch.cat([head(f) for f in feats[j].chunk(groups)])
+                                 for j, head in enumerate(self.isd_projector)])
         if self.layers and pred:  # one pass of the predictors over h and, for L_pred, sg h: (K-1, 2*v*n, D)
             inputs = torch.cat([h_isd, h_isd.detach()], dim=1) if self.pred_loss else h_isd
-            q = self.isd_predictor(inputs, groups=2 * v if self.pred_loss else v)
+            q = self.isd_predictor(inputs, groups=2 * groups if self.pred_loss else groups)
             q_isd, qp_isd = q.chunk(2, dim=1) if self.pred_loss else (q, None)
 
         def view_rows(isd, last, i):  # view i's (K-1, n, D) block and its last layer (n, D) -> (K, n, D)

@@ -195,3 +195,19 @@ def test_isd_head_none_on_a_vit_wider_than_the_projection(process_group, framewo
         q = [model.isd_predictor(c[None])[0] for c in cls]  # (4, 16)
         ssl = (lambda a, b: sdssl.contrastive_loss(a, b, 0.2)) if framework == "mocov3" else sdssl.regression_loss
         torch.testing.assert_close(terms["isd"], ssl(q[0], z[1]) + ssl(q[1], z[0]))
+
+
+def test_sd_simclr_normalises_both_views_together():
+    """SimCLR (simclr.py, the authors' SimCLR path) sends the two views through the network as one batch of 2n, so
+    BatchNorm in the heads normalises over both; MoCo v3 and BYOL keep one pass per view. The SD-SimCLR outputs
+    equal the heads applied to the concatenated batch, for the last layer and the intermediate one."""
+    torch.manual_seed(0)
+    cfg = cfg_for("--framework", "simclr")
+    model = sdssl.SDSSL(cfg, models.build_model("vit_debug", image_size=32, patch_size=8, num_heads=2), [1])
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) + 1.0  # a shifted second view
+    (h1, _, _), (h2, _, _) = model([x1, x2])
+    feats = model.layer_features(torch.cat([x1, x2]))  # [(8, 32)]: block 1, then the last
+    last = model.projector(feats[-1])  # (8, D): BN over both views
+    inter = model.isd_projector(feats[0][None])[0]  # (8, D)
+    torch.testing.assert_close(torch.cat([h1[-1], h2[-1]]), last)
+    torch.testing.assert_close(torch.cat([h1[0], h2[0]]), inter)
