@@ -12,7 +12,7 @@ Reproduces
 - ResNet-50 on ImageNet (default; `configs/byol/imagenet_resnet50.yaml`): Sec. 3.3: batch 4096, LARS
   base lr 0.2 x B/256, wd 1.5e-6 (biases and BN excluded from wd and LARS adaptation), 10 warmup epochs then
   cosine, 1000 epochs, tau_base 0.996, projector and predictor Linear 4096 -> BN -> ReLU -> Linear 256 (no output
-  BN), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 / 0.2), the last BN of every residual
+  BN, no bias in the last Linear: networks.py), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 / 0.2), the last BN of every residual
   block initialised to zero (haiku BlockV1 in the authors' code). Paper: 74.3% linear top-1.
 - ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's BYOL baseline (Jang et al., arXiv:2111.12958, Table 1; code
   `pl_train_byol.py`): 6 heads, frozen patch projection, MoCo v3 heads without output BN (3-layer projector
@@ -69,6 +69,7 @@ class Config:
     proj_hidden_dim: int = arg(4096, "projector hidden width (paper: 4096)")
     proj_dim: int = arg(256, "projector / predictor output dimension (paper: 256)")
     pred_hidden_dim: int = arg(4096, "predictor hidden width (paper: 4096)")
+    last_bias: bool = arg(False, "ResNet heads: a bias in the last Linear (BYOL networks.py: false; solo-learn: true)")
     sync_bn: bool = arg(True, "SyncBN across GPUs (the paper's BN over the global batch); ignored on the CPU")
     # loss, target network and optimisation
     base_momentum: float = arg(0.996, "tau_base: target decay at step 0, cosine-increased to 1 (paper: 0.996)")
@@ -125,8 +126,8 @@ def build_model(cfg, size):
         predictor = models.mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, 2, last_norm=False)
     else:
         # Sec. 3.3: Linear 4096 -> BN -> ReLU -> Linear 256, the same for projector and predictor; the output Linear
-        # keeps its bias (no BN after it).
-        head = dict(num_layers=2, last_norm=False, last_bias=True)
+        # has no bias (networks.py: hk.Linear(output_size, with_bias=False)).
+        head = dict(num_layers=2, last_norm=False, last_bias=cfg.last_bias)
         projector = models.mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, **head)
         predictor = models.mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, **head)
     return BYOL(backbone, projector, predictor)

@@ -29,7 +29,8 @@ Known deviations and choices (! = left open by the paper, METHODS.md section 7)
   the side with sigma in [0.1, 2], solarize threshold 128 (BYOL's values, not given in the paper).
 - ! Each network sees the K views in one forward pass, so BatchNorm normalises over all K*n images of a rank (BYOL
   forwards its two views separately). SyncBN on GPUs by default; on the CPU BN statistics are per rank.
-- ! Heads: Linear -> BN (or LN) -> ReLU -> Linear with bias, no output norm (BYOL). ResNet-50: BYOL's 4096 -> 256.
+- ! Heads: Linear -> BN (or LN) -> ReLU -> Linear without bias, no output norm (BYOL's networks.py). ResNet-50:
+  BYOL's 4096 -> 256.
   The backbones keep BatchNorm under --head_norm ln (Table 13 replaces BN "in the prediction and projection heads").
 - ! --centroid none (Table 8's "L_c x" rows, which are BYOL) replaces Eq. 3 by BYOL's loss summed over the K(K-1)
   ordered pairs of different views (the form of the paper's multi-crop BYOL, App. Table 7); for K = 2 it is BYOL's
@@ -227,9 +228,8 @@ def msbreg_recipe(size, crop_min):
 def build_model(cfg, size):
     backbone = models.build_model(cfg.arch, image_size=size, zero_init_residual=cfg.zero_init_residual)
 
-    def head(in_dim):  # Sec. 7.2: 2-layer MLP, BN (or LN, Table 13) + ReLU, no norm on the output (BYOL)
-        return models.mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_norm=False, norm=cfg.head_norm,
-                          last_bias=True)
+    def head(in_dim):  # Sec. 7.2: 2-layer MLP, BN (or LN, Table 13) + ReLU; BYOL's output Linear (no bias, no norm)
+        return models.mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, last_norm=False, norm=cfg.head_norm)
     return MSBRegNet(backbone, head(backbone.embed_dim), head(cfg.proj_dim))
 
 

@@ -147,9 +147,9 @@ def test_heads_follow_the_papers(arch):
     assert layers == 2 and isinstance(last, nn.BatchNorm1d) == vit and not bias
     assert model.predictor[0].in_features == 32 and model.predictor[0].out_features == 48
     model = byol.build_model(tiny_cfg("byol", arch), 32)
-    for head in (model.projector, model.predictor):  # BYOL / SD-BYOL: no output BN; BYOL's Linear has a bias
-        layers, last, bias = head_summary(head)
-        assert isinstance(last, nn.Linear) and bias == (not vit)
+    for head in (model.projector, model.predictor):  # BYOL / SD-BYOL: no output BN, a last Linear without bias
+        layers, last, bias = head_summary(head)  # (BYOL networks.py: hk.Linear(output_size, with_bias=False))
+        assert isinstance(last, nn.Linear) and not bias
     assert head_summary(model.projector)[0] == (3 if vit else 2) and head_summary(model.predictor)[0] == 2
 
 

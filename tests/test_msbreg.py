@@ -267,3 +267,15 @@ def test_k2_config_is_byol(process_group):
     g_ours, = torch.autograd.grad(ours, p)
     g_ref, = torch.autograd.grad(ref, p)
     torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-12)
+
+
+def test_heads_are_byols():
+    """Sec. 7.2's 2-layer heads on BYOL's MLP (networks.py): Linear -> BN (LN) -> ReLU -> Linear without bias."""
+    import msbreg
+    for norm in ("bn", "ln"):
+        cfg = config.parse(msbreg.Config, ["--head_norm", norm])
+        model = msbreg.build_model(cfg, 32)
+        for head in (model.projector, model.predictor):
+            kinds = [type(m).__name__ for m in head]
+            assert kinds == ["Linear", "BatchNorm1d" if norm == "bn" else "LayerNorm", "ReLU", "Linear"]
+            assert head[-1].bias is None and head[-1].out_features == 128

@@ -77,3 +77,16 @@ def test_zero_init_residual_follows_the_authors(relpath):
     assert zero == [ZERO_INIT[relpath]] * len(last_bns)
     assert all(bool((m.weight != 0).all()) for m in backbone.modules()
                if isinstance(m, nn.BatchNorm2d) and not any(m is bn for bn in last_bns))
+
+
+# ----- heads -----
+
+@pytest.mark.parametrize("relpath, bias", [("byol/imagenet_resnet50", False),  # BYOL networks.py: with_bias=False
+                                           ("byol/cifar10_resnet18", True),  # solo-learn: nn.Linear's default bias
+                                           ("byol/cifar100_resnet18", True)])
+def test_byol_resnet_heads(relpath, bias):
+    module, cfg = load(relpath)
+    model = module.build_model(cfg, 32)
+    for head in (model.projector, model.predictor):
+        assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+        assert (head[-1].bias is not None) == bias and head[0].out_features == 4096 and head[-1].out_features == 256
