@@ -113,8 +113,11 @@ def save_epoch(ctx, output_dir, epoch, step, config, save_every=0, **states):
 
 
 def export_backbone(ctx, output_dir, backbone):
-    """Write backbone.pt: the bare backbone state dict (torchvision / timm key names), atomically, on rank 0."""
+    """Write backbone.pt: the bare backbone state dict (torchvision / timm key names), atomically, on rank 0; for a
+    ViT, say which timm call it loads into (the head count matters: common/vit.py)."""
     if ctx.is_main:
         tmp = os.path.join(output_dir, "backbone.pt.tmp")
         torch.save(backbone.state_dict(), tmp)
         os.replace(tmp, os.path.join(output_dir, "backbone.pt"))
+        if hasattr(backbone, "timm_call"):
+            print0(f"{output_dir}/backbone.pt loads into {backbone.timm_call()}")

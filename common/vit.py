@@ -2,8 +2,11 @@
 
 Written out here (about 150 lines) instead of importing timm: MoCo v3 leans on timm internals and pins an old
 release. The state dict keys are timm's (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`,
-`blocks.N.mlp.fc1`, `norm`), so a trained backbone loads into
-`timm.create_model("vit_small_patch16_224", num_classes=0)` without renaming.
+`blocks.N.mlp.fc1`, `norm`), so a trained backbone loads into timm without renaming:
+    timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)     # our default ViT-S/16
+Name the heads: timm's vit_small has 6 (DeiT), ours 12 (MoCo v3). The weights have the same shapes either way, so
+a 12-head state dict loads strictly into timm's 6-head model and silently computes something else (outputs differ
+by about 0.3). `vit.timm_call()` returns the exact call for any of our ViTs.
 
 MoCo v3 choices (Chen, Xie, He 2021, Sec. 4 and `vits.py`): fixed 2-D sin-cos position embedding, optional frozen
 random patch projection ("stop-grad conv1"), uniform qkv init with the fan split into q, k, v, xavier elsewhere.
@@ -135,6 +138,18 @@ class VisionTransformer(nn.Module):
             tokens.append(self.norm(x) if norm else x)
         last = tokens[-1] if norm else self.norm(x)
         return last[:, 0], tokens
+
+    def timm_call(self):
+        """The timm call that rebuilds this ViT, so that its state dict loads strictly and computes the same."""
+        heads, img = self.blocks[0].attn.num_heads, round((self.pos_embed.shape[1] - 1) ** 0.5) * self.patch_size
+        name = {(192, 16): "vit_tiny_patch16_224", (384, 16): "vit_small_patch16_224",
+                (384, 32): "vit_small_patch32_224", (768, 16): "vit_base_patch16_224",
+                (768, 32): "vit_base_patch32_224"}.get((self.embed_dim, self.patch_size)) if self.depth == 12 else None
+        if name is None:  # not a named timm model: its generic class, which has the same defaults (qkv bias, eps)
+            return (f"timm.models.vision_transformer.VisionTransformer(img_size={img}, patch_size={self.patch_size}, "
+                    f"embed_dim={self.embed_dim}, depth={self.depth}, num_heads={heads}, num_classes=0)")
+        return f'timm.create_model("{name}", num_classes=0, num_heads={heads}' + (f", img_size={img})" if img != 224
+                                                                                  else ")")
 
     @torch.no_grad()
     def last_attention(self, x):

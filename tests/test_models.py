@@ -67,13 +67,35 @@ def test_sincos_pos_embed():
     assert torch.allclose(pe[0, 1:].norm(dim=1), torch.full((16,), 8 ** 0.5))  # 8 sin/cos pairs per position
 
 
-def test_timm_loads_our_vit_without_renaming():
+@pytest.mark.parametrize("kwargs, call", [
+    (dict(name="vit_small"), 'timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)'),
+    (dict(name="vit_small", num_heads=6), 'timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=6)'),
+    (dict(name="vit_base", patch_size=32), 'timm.create_model("vit_base_patch32_224", num_classes=0, num_heads=12)'),
+    (dict(name="vit_small", image_size=96),
+     'timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12, img_size=96)'),
+    (dict(name="vit_debug", image_size=32, patch_size=8), "timm.models.vision_transformer.VisionTransformer("
+     "img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)"),
+])
+def test_timm_call_names_the_head_count(kwargs, call):
+    """timm's vit_small has 6 heads (DeiT), ours 12 (MoCo v3): the state dict loads either way, so the call that
+    rebuilds our ViT must name the heads (and the image size when it is not 224)."""
+    kwargs = {"image_size": 224, "patch_size": 16, **kwargs}
+    assert models.build_model(kwargs.pop("name"), **kwargs).timm_call() == call
+
+
+@pytest.mark.parametrize("name, size, patch", [("vit_small", 224, 16), ("vit_debug", 32, 8)])
+def test_timm_loads_our_vit_and_computes_the_same(name, size, patch):
     timm = pytest.importorskip("timm")
-    ours = models.build_model("vit_small", image_size=224, patch_size=16, num_heads=6).eval()
-    theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
+    ours = models.build_model(name, image_size=size, patch_size=patch).eval()
+    theirs = eval(ours.timm_call(), {"timm": timm}).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(1, 3, 224, 224)
-    torch.testing.assert_close(theirs(x), ours(x))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+        if name == "vit_small":  # the trap: timm's default 6-head ViT-S loads the same weights, computes otherwise
+            default = timm.create_model("vit_small_patch16_224", num_classes=0).eval()
+            default.load_state_dict(ours.state_dict(), strict=True)
+            assert (default(x) - ours(x)).abs().max() > 0.01
 
 
 def test_mlp_builder():
