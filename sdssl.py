@@ -21,7 +21,9 @@ or 1024, tau 0.2, teacher EMA 0.996 -> 1 (cosine per step). Ablations (Tables 5-
 --pred_loss false, --isd_every n (MLP/n), --isd_head {mlp3,mlp2,none}. ResNet-50 (Sec. 4.6, Table 7): each stage's
 average-pooled output gets its own heads (`--arch resnet50`, configs/sdssl/mocov3_resnet50.yaml).
 Known deviations and choices
-- The configs use the authors' 6-head ViT-S; the flag default (0) is the arch's, 12 heads as MoCo v3's ViT-S.
+- The configs use the authors' 6-head ViT-S (the paper cites DeiT for it, and their DINO-derived ViT has 6 heads in
+  every version before Nov 2022, after Table 1; each config header gives the evidence); the flag default (0) is the
+  arch's, 12 heads as MoCo v3's ViT-S.
 - alpha_max defaults to 1.0 (the paper, Sec. 4.1); the authors' configs use 0.8 for SD-BYOL and SD-SimCLR, which our
   byol/simclr configs follow.
 - Teacher momentum 0.996 -> 1 as the authors' code (MoCo v3's own default is 0.99).

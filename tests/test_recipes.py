@@ -90,3 +90,13 @@ def test_byol_resnet_heads(relpath, bias):
     for head in (model.projector, model.predictor):
         assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
         assert (head[-1].bias is not None) == bias and head[0].out_features == 4096 and head[-1].out_features == 256
+
+
+# ----- ViT-S head count: SDSSL's (DeiT / DINO) ViT-S has 6 heads, MoCo v3's 12 (see the config headers) -----
+
+@pytest.mark.parametrize("relpath", sorted(os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]
+                                           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*vit_s*.yaml"))))
+def test_vit_small_head_count(relpath):
+    _, cfg = load(relpath)
+    from_sdssl = relpath.startswith("sdssl/") or relpath in ("byol/imagenet_vit_small", "simclr/imagenet_vit_small")
+    assert cfg.num_heads == (6 if from_sdssl else 12), relpath
