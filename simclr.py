@@ -17,6 +17,10 @@ Known deviations
 - The last BN of the head has no affine parameters (the TF code keeps a scale, no shift).
 - LARS applies momentum to the adapted gradient and multiplies by lr afterwards (MoCo v3's PyTorch LARS); the TF
   version folds lr into the momentum buffer. Identical under a constant lr.
+- The step is taken on the authors' loss: the TF code adds the two views' mean cross-entropies (loss_a + loss_b),
+  twice the mean over the 2N anchors of Eq. 1 that simclr_loss returns (--sum_directions, on by default; log.jsonl
+  reports that sum). Under LARS it matters: the biases and BN parameters (not adapted) take twice the step, and
+  weight decay weighs half as much in the trust ratio. SDSSL's ViT baseline averages (its config turns it off).
 - k-NN monitor (k = 20 and 200, T = 0.07) instead of the paper's online linear head.
 
 Run
@@ -62,6 +66,8 @@ class Config:
     sync_bn: bool = arg(True, "SyncBN across GPUs (the paper's global BN); ignored on the CPU")
     # loss and optimisation
     temperature: float = arg(0.5, "NT-Xent temperature tau (paper: 0.5 CIFAR-10 B512, 0.1 ImageNet B4096)")
+    sum_directions: bool = arg(True, "step on the sum of the two views' mean losses, 2x the mean over 2N anchors "
+                                     "(the TF code's loss_a + loss_b); false = the mean (SDSSL's ViT baseline)")
     optimizer: str = arg("lars", "lars (paper), adamw (ViT) or sgd", choices=("lars", "adamw", "sgd"))
     lr: float = arg(1.0, "base learning rate per 256 images; the peak lr is lr x batch_size / 256")
     weight_decay: float = arg(1e-4, "weight decay (paper: 1e-4 CIFAR-10, 1e-6 ImageNet; AdamW ViT: 0.1)")
@@ -147,7 +153,9 @@ def train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch
         with optim.autocast(cfg.amp, ctx.device):
             z = model_ddp(x)  # (2n, proj_dim)
         z1, z2 = z.float().chunk(2)  # the loss in float32: bf16/fp16 normalisation and exp are not safe
-        loss = simclr_loss(z1, z2, cfg.temperature)
+        loss = simclr_loss(z1, z2, cfg.temperature)  # Eq. 1: the mean over the 2N anchors
+        if cfg.sum_directions:  # the TF code: loss_a + loss_b, each view's anchors averaged on their own = 2 x mean
+            loss = 2 * loss
         optim.step(loss, optimizer, scaler)
         meter.update(loss, step)
         progress.log(i, step, meter, lr=lr)
