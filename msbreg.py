@@ -219,10 +219,10 @@ def ema_update(target, online, tau):
         xi.mul_(tau).add_(theta[name].detach(), alpha=1.0 - tau)
 
 
-def msbreg_recipe(size, crop_min):
+def view_recipes(cfg, size):
     """Table 9: one recipe for every view: crop, flip 0.5, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur
     p 1.0, solarize 0.2 (blur kernel and sigma as common/augment.py: 10% of the side, sigma in [0.1, 2])."""
-    return augment.Recipe(size, (crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.2)
+    return [augment.Recipe(size, (cfg.crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.2)]
 
 
 def build_model(cfg, size):
@@ -293,7 +293,7 @@ def main():
     # ----- data: K views of every image from one recipe (Table 9) -----
     size = data.image_size(cfg)
     channels_last = models.use_channels_last(cfg.arch, ctx.device)
-    view_maker = augment.ViewMaker([msbreg_recipe(size, cfg.crop_min)], cfg.num_views, ctx.device, cfg.aug_device,
+    view_maker = augment.ViewMaker(view_recipes(cfg, size), cfg.num_views, ctx.device, cfg.aug_device,
                                    cfg.dataset, cfg.compile, channels_last)
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", view_maker.transform, cfg.download,
                                  class_list=cfg.class_list)

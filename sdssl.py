@@ -239,6 +239,11 @@ def build_heads(cfg, backbone, layers):
     return projector, predictor, isd_proj, isd_pred
 
 
+def view_recipes(cfg, size):
+    """MoCo v3's asymmetric pair (Sec. 4.1: "follow MoCo v3"): view 1 always blurred, view 2 sometimes solarised."""
+    return augment.byol_recipes(size, crop_min=cfg.crop_min)
+
+
 def build_student(cfg, size):
     """The backbone with the plain method's heads and the self-distillation heads of isd_layers."""
     backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
@@ -374,8 +379,8 @@ def main():
     # ----- data: MoCo v3's asymmetric augmentations (Sec. 4.1) -----
     size = data.image_size(cfg)
     channels_last = models.use_channels_last(cfg.arch, ctx.device)
-    views = augment.ViewMaker(augment.byol_recipes(size, crop_min=cfg.crop_min), 2, ctx.device, cfg.aug_device,
-                              cfg.dataset, cfg.compile, channels_last)
+    views = augment.ViewMaker(view_recipes(cfg, size), 2, ctx.device, cfg.aug_device, cfg.dataset, cfg.compile,
+                              channels_last)
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)

@@ -164,6 +164,11 @@ def gsg_loss(p11, p12, p21, p22, z11, z12, z21, z22):
     return -0.5 * (cos1 + cos2).mean()  # "loss.append(0.5 * l)", then the mean over the batch
 
 
+def view_recipes(cfg, size):
+    """App. B.1 / B.2: MoCo v2's recipe for every view (B.2, CIFAR-10: crop 0.08-1, no blur)."""
+    return [augment.mocov2_recipe(size, crop_min=cfg.crop_min, blur=cfg.blur)]
+
+
 @torch.no_grad()
 def ema_update(target, online, m):
     """theta_target <- m theta_target + (1 - m) theta_online (BYOL Eq. 1), over parameters only: gsg/builder.py
@@ -232,9 +237,8 @@ def main():
     # ----- data: App. B.1 (MoCo v2) / B.2 (no blur, crop 0.08-1); 4 independent views per image for GSG -----
     size = data.image_size(cfg)
     channels_last = models.use_channels_last(cfg.arch, ctx.device)
-    view_maker = augment.ViewMaker([augment.mocov2_recipe(size, crop_min=cfg.crop_min, blur=cfg.blur)],
-                                   4 if cfg.gsg else 2, ctx.device, cfg.aug_device, cfg.dataset, cfg.compile,
-                                   channels_last)
+    view_maker = augment.ViewMaker(view_recipes(cfg, size), 4 if cfg.gsg else 2, ctx.device, cfg.aug_device,
+                                   cfg.dataset, cfg.compile, channels_last)
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", view_maker.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)

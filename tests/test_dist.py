@@ -79,3 +79,23 @@ def test_per_rank_batch_errors():
         dist.per_rank(8, 3)
     with pytest.raises(ConfigError, match="must be positive"):
         dist.per_rank(-8, 1)
+
+
+def test_per_rank_seeding_gives_each_rank_its_own_views_and_shard():
+    """data.seed_epoch(loader, seed, epoch, rank), as every script calls it: two ranks draw different augmentations
+    and disjoint shards, the same rank and epoch draws the same again (bit-exact resume), the next epoch differs."""
+    from common import augment, batch_augment, data
+    images = data.fake_set("train").images[:16]
+    recipe = augment.simclr_recipe(32, 0.5, blur=False)
+
+    def draw(rank, epoch):
+        loader = data.train_loader(data.fake_set("train"), 8, dist.Context(rank, rank, 2, torch.device("cpu")), 0,
+                                   seed=0)
+        data.seed_epoch(loader, 0, epoch, rank)
+        return batch_augment.augment_batch(images, recipe), list(loader.sampler)
+
+    (v0, s0), (v1, s1) = draw(0, 0), draw(1, 0)
+    assert not torch.equal(v0, v1) and not set(s0) & set(s1)
+    again, shard = draw(0, 0)
+    assert torch.equal(again, v0) and shard == s0
+    assert not torch.equal(draw(0, 1)[0], v0)

@@ -74,3 +74,19 @@ def test_linear_eval_detects_a_changed_backbone():
         model.weight[0, 0] += 1
     with pytest.raises(AssertionError, match="weight changed"):
         linear.assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_linear_probe_leaves_a_batchnorm_backbone_unchanged(process_group, image_folder, mode):
+    """On a ResNet the backbone's BN running statistics are state too: the probe keeps the backbone in eval mode,
+    and the final check would see a forward pass in train mode."""
+    from common.models import build_model
+    torch.manual_seed(0)
+    backbone = build_model("resnet18", image_size=32)
+    before = linear._snapshot(backbone)
+    cfg = linear.Config(mode=mode, epochs=1, batch_size=8, num_workers=0)
+    linear.linear_eval(backbone, "imagefolder", image_folder, 32, process_group, cfg)  # asserts unchanged itself
+    linear.assert_unchanged(backbone, before)
+    backbone.train()(torch.randn(4, 3, 32, 32))  # what a probe that forgot eval() would do
+    with pytest.raises(AssertionError, match="running_mean changed"):
+        linear.assert_unchanged(backbone, before)

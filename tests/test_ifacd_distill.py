@@ -390,3 +390,18 @@ def test_run_table_defaults_to_the_whole_table(tmp_path):
     assert len(commands) == 5 + 5 + 13 * 6
     for row in TABLE_ROWS:
         assert sum(f"_{row}.yaml" in c for c in commands) == 6, row
+
+
+def test_crd_memory_update_keeps_momentum_on_the_bank():
+    """RepDistiller's ContrastMemory: bank[idx] <- normalise(m * bank[idx] + (1 - m) * v), other rows untouched.
+    At m = 0.9 (not the default 0.5, where swapping m and 1 - m changes nothing)."""
+    torch.manual_seed(0)
+    memory = M.CRDMemory(6, 4, momentum=0.9)
+    bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
+    v_s, v_t = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
+    idx = torch.tensor([1, 4])
+    memory.update(v_s, v_t, idx)
+    for bank, before, v in ((memory.bank_s, bank_s, v_s), (memory.bank_t, bank_t, v_t)):
+        torch.testing.assert_close(bank[idx], F.normalize(0.9 * before[idx] + 0.1 * v, dim=1))
+        keep = torch.tensor([0, 2, 3, 5])
+        assert torch.equal(bank[keep], before[keep])

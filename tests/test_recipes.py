@@ -100,3 +100,77 @@ def test_vit_small_head_count(relpath):
     _, cfg = load(relpath)
     from_sdssl = relpath.startswith("sdssl/") or relpath in ("byol/imagenet_vit_small", "simclr/imagenet_vit_small")
     assert cfg.num_heads == (6 if from_sdssl else 12), relpath
+
+
+# ----- augmentation recipes: every config's views, field by field -----
+
+SIMCLR_CIFAR = dict(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
+                    solarize_p=0.0)  # SimCLR App. B.9: colour strength 0.5 (0.8s, 0.8s, 0.8s, 0.2s), no blur
+SIMCLR_IMAGENET = dict(SIMCLR_CIFAR, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)  # App. A: s = 1, blur p 0.5
+
+
+def byol_pair(crop_min=0.08, blur=True):  # BYOL Table 6 (MoCo v3 and SDSSL use it): asymmetric blur and solarize
+    view = dict(crop_scale=(crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+    return [dict(view, blur_p=1.0 if blur else 0.0, solarize_p=0.0), dict(view, blur_p=0.1 if blur else 0.0,
+                                                                         solarize_p=0.2)]
+
+
+def mocov2(crop_min, blur):  # MoCo v2 / SimSiam (GSG App. B.1; B.2 for CIFAR-10: crop 0.08-1, no blur)
+    return [dict(crop_scale=(crop_min, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+                 blur_p=0.5 if blur else 0.0, solarize_p=0.0)]
+
+
+MSBREG = [dict(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=1.0,
+               solarize_p=0.2)]  # MSBReg Table 9, one recipe for all views (crop scale not given: BYOL's)
+RECIPES = {
+    "simclr/cifar10_resnet18": [SIMCLR_CIFAR], "simclr/imagenet_resnet50": [SIMCLR_IMAGENET],
+    "simclr/imagenet_vit_small": byol_pair(),  # SDSSL's SimCLR baseline: the BYOL / MoCo v3 pair
+    "mocov3/imagenet_vit_small": byol_pair(), "mocov3/imagenet_vit_base": byol_pair(),
+    "mocov3/imagenet_resnet50": byol_pair(0.2),  # CONFIG.md: --crop-min=.2 for ResNet-50
+    "mocov3/cifar10_resnet18": byol_pair(blur=False), "mocov3/cifar100_resnet18": byol_pair(blur=False),  # solo-learn
+    "byol/imagenet_resnet50": byol_pair(), "byol/imagenet_vit_small": byol_pair(),
+    "byol/cifar10_resnet18": byol_pair(blur=False), "byol/cifar100_resnet18": byol_pair(blur=False),
+    "simsiam_gsg/imagenet_resnet50_simsiam": mocov2(0.2, True),
+    "simsiam_gsg/imagenet_resnet50_simsiam_gsg": mocov2(0.2, True),
+    **{f"simsiam_gsg/cifar10_resnet18_{m}": mocov2(0.08, False) for m in ("simsiam", "simsiam_gsg", "byol",
+                                                                         "byol_gsg")},
+    **{f"msbreg/{c}": MSBREG for c in ("stl10_resnet18_k4", "stl10_resnet18_ln", "imagenet100_resnet18_k2",
+                                       "imagenet100_resnet18_k4", "imagenet100_resnet18_k8", "imagenet_resnet50_k4")},
+    **{os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]: byol_pair()  # SDSSL Sec. 4.1: MoCo v3's pair
+       for p in glob.glob(os.path.join(ROOT, "configs", "sdssl", "*_vit_*.yaml"))},
+    "sdssl/mocov3_resnet50": byol_pair(0.2),
+}
+
+
+def test_every_ssl_config_is_in_the_recipe_table():
+    ssl = {os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]
+           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")) if "ifacd_distill" not in p}
+    assert ssl == set(RECIPES)
+
+
+@pytest.mark.parametrize("relpath", sorted(RECIPES))
+def test_view_recipes_follow_the_papers(relpath):
+    module, cfg = load(relpath)
+    recipes = module.view_recipes(cfg, 64)
+    assert len(recipes) == len(RECIPES[relpath])
+    for recipe, expected in zip(recipes, RECIPES[relpath]):
+        assert recipe.flip == 0.5 and recipe.blur_sigma == (0.1, 2.0) and recipe.blur_kernel == 7  # 10% of 64, odd
+        for key, value in expected.items():
+            assert getattr(recipe, key) == pytest.approx(value), (relpath, key)
+
+
+def test_jitter_orders_are_uniform_over_the_24_permutations():
+    """torchvision's ColorJitter applies its four ops in randperm(4) order, drawn per image: each of the 24 orders
+    about equally often (chi-square, 23 degrees of freedom), and images left alone with probability 1 - p."""
+    from common import batch_augment as B
+    torch.manual_seed(0)
+    order, factors = B.jitter_params(48000, (0.4, 0.4, 0.4, 0.1), p=0.8)
+    counts = torch.bincount(order, minlength=25).double()
+    applied = counts[:24]
+    chi2 = float(((applied - applied.mean()) ** 2 / applied.mean()).sum())
+    assert chi2 < 60, chi2  # P(chi2_23 > 60) < 1e-4
+    assert abs(counts[24] / 48000 - 0.2) < 0.01
+    assert sorted(set(B.ORDERS)) == sorted(__import__("itertools").permutations(range(4)))
+    lo, hi = factors.min(0).values, factors.max(0).values
+    assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.6, -0.1]), atol=1e-3)
+    assert torch.allclose(hi, torch.tensor([1.4, 1.4, 1.4, 0.1]), atol=1e-3)
