@@ -72,6 +72,14 @@ def mocov2_recipe(image_size, crop_min=0.2, blur=True):
     return Recipe(image_size, (crop_min, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
 
 
+def to_float(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on the images' device: eval_transform for images already at
+    the evaluated size (ToTensor + Normalize), as one tensor op instead of a PIL round trip per image."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - m) / s
+
+
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Evaluation: resize the short side to image_size/0.875 and centre-crop (ImageNet protocol); images already at
     image_size (CIFAR at 32, STL-10 at 96) pass through unchanged."""
@@ -107,7 +115,8 @@ class MultiViews:
         return [self.transforms[i % len(self.transforms)](x) for i in range(self.k)]
 
 
-IN_MEMORY = ("cifar10", "cifar100", "stl10", "fake")  # datasets held as uint8 tensors (common.data.ArrayDataset)
+# datasets held as uint8 tensors (common.data.ArrayDataset)
+IN_MEMORY = ("cifar10", "cifar100", "stl10", "fashion_mnist", "mnist", "fake")
 
 
 class ViewMaker:

@@ -1,9 +1,17 @@
-"""Datasets and loaders: cifar10, cifar100, stl10, imagenet, imagefolder (data_dir/train + data_dir/val), fake.
+"""Datasets and loaders: cifar10, cifar100, stl10, fashion_mnist, mnist, imagenet, imagefolder (data_dir/train +
+data_dir/val), fake.
 
 The small sets are downloaded through torchvision (`--download true`; rank 0 downloads while the others wait) and
 read into memory as uint8 tensors (`ArrayDataset`); folders go through torchvision's ImageFolder. A missing
 dataset is an error that says where we looked and how to get the data.
+
+Fashion-MNIST and MNIST (60k train, 10k test, 28x28 grey) are read from their four standard idx files, gzipped or
+not, either flat in data_dir (Debian's dataset-fashion-mnist: --data_dir /usr/share/datasets/fashion-mnist) or in
+torchvision's layout (data_dir/FashionMNIST/raw, data_dir/MNIST/raw). They stay at their native 28 px (every model
+here pools adaptively, and a 2-core CPU is where they are meant to run: 32 px would cost 30% more for border
+pixels), grey replicated to three channels so the RGB recipes and models apply unchanged.
 """
+import gzip
 import os
 import pickle
 import random
@@ -16,8 +24,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.config import ConfigError
 
-DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagefolder", "fake")
-DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "imagefolder": 224, "fake": 32}
+DATASETS = ("cifar10", "cifar100", "stl10", "fashion_mnist", "mnist", "imagenet", "imagefolder", "fake")
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "fashion_mnist": 28, "mnist": 28, "imagenet": 224,
+                      "imagefolder": 224, "fake": 32}
+IDX_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's download folder (data_dir/X/raw)
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 FAKE_SIZES = {"train": 1024, "val": 256, "side": 32}  # `fake`: random images, 10 classes, for smoke runs and bench.py
 
 
@@ -49,10 +61,12 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
 
 
-def _download(name, root, folder):
-    """Rank 0 fetches the archive with torchvision (which checks its md5) while the other ranks wait."""
-    if tdist.get_rank() == 0 and not os.path.isdir(os.path.join(root, folder)):
-        cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "stl10": D.STL10}[name]
+def _download(name, root, present):
+    """Rank 0 fetches the archive with torchvision (which checks its md5) while the other ranks wait; `present`
+    says whether the files are there already."""
+    if tdist.get_rank() == 0 and not present():
+        cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "stl10": D.STL10, "fashion_mnist": D.FashionMNIST,
+               "mnist": D.MNIST}[name]
         try:
             cls(root, download=True)
         except Exception as e:  # no network, disk full, ...: one clear line instead of a traceback
@@ -74,9 +88,9 @@ def _read_cifar(path, files, label_key):
 def _small_set(name, root, split, transform, download):
     """CIFAR-10/100 (pickled batches) or STL-10 (binary files), read into memory. split: pretrain, train or val."""
     folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
-    if download:
-        _download(name, root, folder)
     path = os.path.join(root, folder)
+    if download:
+        _download(name, root, lambda: os.path.isdir(path))
     try:
         if name == "cifar10":
             files = [f"data_batch_{i}" for i in range(1, 6)] if split != "val" else ["test_batch"]
@@ -92,6 +106,50 @@ def _small_set(name, root, split, transform, download):
         raise ConfigError(f"{name} not found: looked for {os.path.abspath(path)}; pass --download true to fetch it "
                           f"with torchvision, or point --data_dir at the folder that contains {folder}") from None
     return ArrayDataset(images, labels.long(), transform)
+
+
+def _idx_path(root, name, stem):
+    """The first of root/stem[.gz], root/<torchvision folder>/raw/stem[.gz] that exists, or None."""
+    for folder in (root, os.path.join(root, IDX_FOLDER[name], "raw")):
+        for path in (os.path.join(folder, stem), os.path.join(folder, stem + ".gz")):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _read_idx(path):
+    """An idx file (LeCun's format: magic with the dtype and rank, big-endian sizes, then the data) as a tensor."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:  # 0x08 = unsigned bytes
+        raise ConfigError(f"{path} is not an idx file of unsigned bytes")
+    rank = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
+    data = torch.frombuffer(bytearray(raw[4 + 4 * rank:]), dtype=torch.uint8)
+    if data.numel() != torch.Size(shape).numel():
+        raise ConfigError(f"{path} is truncated: the header promises {shape}, the file holds {data.numel()} bytes")
+    return data.view(shape)
+
+
+def _idx_set(name, root, split, transform, download):
+    """Fashion-MNIST / MNIST from the four idx files (train = the 60k training images, val = the 10k test set), grey
+    replicated to RGB: uint8 (N, 28, 28, 3)."""
+    files = IDX_FILES["val" if split == "val" else "train"]
+    if download:
+        _download(name, root, lambda: all(_idx_path(root, name, f) for f in files))
+    paths = [_idx_path(root, name, f) for f in files]
+    if None in paths:
+        hint = " (or: apt-get install dataset-fashion-mnist, then --data_dir /usr/share/datasets/fashion-mnist)" \
+            if name == "fashion_mnist" else ""
+        where = os.path.abspath(root)
+        raise ConfigError(f"{name} not found: looked for {files[0]} and {files[1]} (.gz or not) in {where} and "
+                          f"{os.path.join(where, IDX_FOLDER[name], 'raw')}; pass --download true to fetch them with "
+                          f"torchvision{hint}")
+    images, labels = (_read_idx(p) for p in paths)
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise ConfigError(f"{paths[0]} and {paths[1]} do not hold images (N, H, W) and their N labels")
+    return ArrayDataset(images[..., None].expand(-1, -1, -1, 3).contiguous(), labels.long(), transform,
+                        classes=list(range(10)))
 
 
 class ClassSubsetFolder(D.ImageFolder):
@@ -142,6 +200,8 @@ def build_dataset(name, root, split, transform, download=False, class_list=""):
         return fake_set(split, transform)
     if name in ("imagenet", "imagefolder"):
         return _folder_set(root, split, transform, class_list)
+    if name in IDX_FOLDER:
+        return _idx_set(name, root, split, transform, download)
     return _small_set(name, root, split, transform, download)
 
 

@@ -1,0 +1,97 @@
+"""Fashion-MNIST / MNIST from their idx files (both layouts, gzipped or not, clear errors), and the Fashion-MNIST table
+runner end to end on tiny idx files this test writes (no download)."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import data
+from common.config import ConfigError
+from conftest import ROOT, _env
+
+
+def write_idx(path, tensor, compress):
+    """LeCun's idx format: 0, 0, dtype 0x08 (ubyte), rank, big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(n.to_bytes(4, "big") for n in tensor.shape)
+    with (gzip.open if compress else open)(path + (".gz" if compress else ""), "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+def write_fashion(root, train=64, test=32, torchvision_layout=False, compress=True, seed=0):
+    """Tiny Fashion-MNIST: 10 classes of 28x28 grey images, each class a brighter band at its own height."""
+    g = torch.Generator().manual_seed(seed)
+    folder = os.path.join(root, "FashionMNIST", "raw") if torchvision_layout else root
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for i, y in enumerate(labels.tolist()):
+            images[i, 2 * y:2 * y + 8] += 150
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), images, compress)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels.to(torch.uint8), compress)
+    return root
+
+
+@pytest.mark.parametrize("layout, compress", [(False, True), (True, False)], ids=["flat-gz", "torchvision-raw"])
+def test_idx_files_are_read_as_rgb_uint8(tmp_path, layout, compress):
+    root = write_fashion(str(tmp_path), torchvision_layout=layout, compress=compress)
+    train = data.build_dataset("fashion_mnist", root, "train", None)
+    val = data.build_dataset("fashion_mnist", root, "val", None)
+    assert train.images.shape == (64, 28, 28, 3) and val.images.shape == (32, 28, 28, 3)
+    assert train.images.dtype == torch.uint8 and torch.equal(train.images[..., 0], train.images[..., 2])
+    assert train.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and data.num_classes(train) == 10
+    assert data.build_dataset("fashion_mnist", root, "pretrain", None).images.shape[0] == 64
+    x, y = train[3]
+    assert x.shape == (28, 28, 3) and y == 3
+    assert data.DEFAULT_IMAGE_SIZE["fashion_mnist"] == 28
+
+
+def test_missing_or_broken_idx_files_are_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="fashion_mnist not found: looked for train-images-idx3-ubyte and "
+                                          "train-labels-idx1-ubyte .* dataset-fashion-mnist"):
+        data.build_dataset("fashion_mnist", str(tmp_path), "train", None)
+    root = write_fashion(str(tmp_path / "ok"), compress=False)
+    path = os.path.join(root, "train-images-idx3-ubyte")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ConfigError, match="truncated"):
+        data.build_dataset("fashion_mnist", root, "train", None)
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04 not an idx file")
+    with pytest.raises(ConfigError, match="not an idx file"):
+        data.build_dataset("fashion_mnist", root, "train", None)
+
+
+def test_fashion_mnist_table_end_to_end(tmp_path):
+    """The runner on tiny idx files with every run cut to one step: two SSL rows (a CIFAR-zoo ResNet and the small
+    ViT, SDSSL), their random-init and raw-pixel baselines, and the distillation rows; then the tables, the CSV,
+    the curves and the wall times are written, and a second call finds everything done and runs nothing."""
+    root = write_fashion(str(tmp_path / "data"))
+    out = str(tmp_path / "table")
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "fashion_mnist", "--rows", "simclr",
+           "sd_mocov3_vit", "teacher", "vanilla", "kd", "--data_dir", root, "--out_root", out, "--linear_epochs", "2",
+           "--", "--epochs", "1", "--max_steps_per_epoch", "1", "--batch_size", "8", "--device", "cpu"]
+    first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    table = open(os.path.join(out, "results.md")).read()
+    for needle in ("| SimCLR | resnet8 |", "| SD-MoCo v3 (ViT) | vit_mini_p7_h3 |", "| random init | resnet8 |",
+                   "| random init | vit_mini_p7_h3 |", "| raw pixels | - |", "| teacher resnet56 |",
+                   "| resnet20 + KD |", "Total wall time"):
+        assert needle in table, needle
+    evals = [json.load(open(os.path.join(out, d, "seed0", "eval.json"))) for d in ("simclr", "sd_mocov3_vit")]
+    assert all(set(e) == {"knn_top1_k20", "knn_top1_k200", "linear_top1"} for e in evals)
+    assert all(0 <= v <= 100 for e in evals for v in e.values())
+    assert len(open(os.path.join(out, "results.csv")).read().splitlines()) == 1 + 2 + 3
+    curves = json.load(open(os.path.join(out, "curves.json")))
+    assert set(curves) == {"SimCLR", "SD-MoCo v3 (ViT)"}
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the runner says so and writes curves.json only)
+        assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    except ImportError:
+        assert "no curves.png" in first.stdout
+    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "# running" not in second.stdout
