@@ -12,8 +12,9 @@ Reproduces
 - ResNet-50 on ImageNet (default; `configs/byol/imagenet_resnet50.yaml`): Sec. 3.3: batch 4096, LARS
   base lr 0.2 x B/256, wd 1.5e-6 (biases and BN excluded from wd and LARS adaptation), 10 warmup epochs then
   cosine, 1000 epochs, tau_base 0.996, projector and predictor Linear 4096 -> BN -> ReLU -> Linear 256 (no output
-  BN, no bias in the last Linear: networks.py), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 / 0.2), the last BN of every residual
-  block initialised to zero (haiku BlockV1 in the authors' code). Paper: 74.3% linear top-1.
+  BN, no bias in the last Linear: networks.py), asymmetric augmentation (Table 6: blur p 1.0 / 0.1, solarize p 0 /
+  0.2), the last BN of every residual block initialised to zero (haiku BlockV1 in the authors' code). Paper: 74.3%
+  linear top-1.
 - ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's BYOL baseline (Jang et al., arXiv:2111.12958, Table 1; code
   `pl_train_byol.py`): 6 heads, frozen patch projection, MoCo v3 heads without output BN (3-layer projector
   4096 -> 256, 2-layer predictor), AdamW base lr 1.5e-4, wd 0.1 (biases and 1-D excluded), 40 warmup epochs,
@@ -60,7 +61,8 @@ class Config:
                           choices=("auto", "cpu", "gpu"))
     blur: bool = arg(True, "Gaussian blur p 1.0 / 0.1 on the two views (Table 6); solo-learn's CIFAR: off")
     # model
-    arch: str = arg("resnet50", "backbone (vit_debug is a 2-block ViT for tests)", choices=tuple(models.BACKBONES))
+    arch: str = arg("resnet50", "backbone (vit_debug: tests; vit_mini and the CIFAR zoo, resnet8 ... "
+                                           "wrn_40_2: small, for a CPU)", choices=models.ARCHS)
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12; SDSSL's ViT-S uses 6)")
     freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (MoCo v3, SDSSL)")
@@ -91,6 +93,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor of the target backbone every this many epochs (and after the last)")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
     config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
@@ -212,7 +215,8 @@ def main():
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
-    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model: online network (trained, in DDP) and target network (EMA copy taken after DDP's broadcast) -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

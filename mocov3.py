@@ -61,7 +61,8 @@ class Config:
                           choices=("auto", "cpu", "gpu"))
     blur: bool = arg(True, "Gaussian blur p 1.0 / 0.1 on the two views (BYOL recipe); solo-learn's CIFAR: off")
     # model
-    arch: str = arg("vit_small", "backbone (vit_debug is a 2-block ViT for tests)", choices=tuple(models.BACKBONES))
+    arch: str = arg("vit_small", "backbone (vit_debug: tests; vit_mini and the CIFAR zoo, resnet8 ... "
+                                           "wrn_40_2: small, for a CPU)", choices=models.ARCHS)
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12, as MoCo v3; SDSSL's uses 6)")
     freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (Sec. 4.2, `--stop-grad-conv1`)")
@@ -92,6 +93,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor of the momentum encoder every this many epochs (and after the last)")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
     config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
@@ -216,7 +218,8 @@ def main():
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
-    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model: base encoder (trained, in DDP) and momentum encoder (EMA copy taken after DDP's broadcast) -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

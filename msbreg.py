@@ -85,7 +85,7 @@ class Config:
                           choices=("auto", "cpu", "gpu"))
     # model
     arch: str = arg("resnet18", "backbone (paper: resnet18 for STL-10/ImageNet-100, resnet50 for ImageNet)",
-                    choices=("resnet18", "resnet50"))
+                    choices=models.ARCHS)
     proj_hidden_dim: int = arg(512, "hidden width of projector and predictor (paper R18: 512; BYOL R50: 4096)")
     proj_dim: int = arg(128, "output width of projector and predictor (paper R18: 128; BYOL R50: 256)")
     zero_init_residual: bool = arg(True, "zero-init the last BN of each residual block (not given; BYOL's init)")
@@ -114,6 +114,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor every this many epochs (and after the last); 0 = off")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
     config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
@@ -300,7 +301,7 @@ def main():
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
     knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
-                     class_list=cfg.class_list) if cfg.eval_every else None
+                     class_list=cfg.class_list, bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model: online network (DDP) and its EMA target -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

@@ -105,6 +105,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor (teacher backbone) every this many epochs (and after the last); 0 = off")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
     config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
@@ -384,7 +385,8 @@ def main():
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
-    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model: student with per-layer heads (DDP), teacher = EMA of backbone + last projector -----
     model, model_ddp, note = dist.prepare(build_student(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

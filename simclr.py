@@ -47,6 +47,7 @@ class Config:
     data_dir: str = arg("./data", "dataset root (imagefolder: data_dir/train and data_dir/val)")
     download: bool = arg(True, "download cifar10/cifar100/stl10 through torchvision if missing")
     image_size: int = arg(0, "crop size; 0 = the dataset's (32 CIFAR, 96 STL-10, 224 ImageNet)")
+    crop_min: float = arg(0.08, "smallest random-resized-crop scale (paper: 0.08)")
     color_strength: float = arg(0.5, "colour distortion strength s (paper: 1.0 ImageNet, 0.5 CIFAR-10)")
     blur: bool = arg(False, "Gaussian blur p=0.5 (paper: on for ImageNet, off for CIFAR-10)")
     aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)",
@@ -55,7 +56,8 @@ class Config:
                                   "training device; in-memory datasets), auto (gpu on CUDA when possible)",
                           choices=("auto", "cpu", "gpu"))
     # model
-    arch: str = arg("resnet18", "backbone (vit_debug is a 2-block ViT for tests)", choices=tuple(models.BACKBONES))
+    arch: str = arg("resnet18", "backbone (vit_debug: tests; vit_mini and the CIFAR zoo, resnet8 ... "
+                                           "wrn_40_2: small, for a CPU)", choices=models.ARCHS)
     patch_size: int = arg(16, "ViT patch size (16 or 32)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (vit_small: 12, as MoCo v3)")
     freeze_patch_embed: bool = arg(True, "ViT: frozen random patch projection (MoCo v3, SDSSL)")
@@ -84,6 +86,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor every this many epochs (and after the last); 0 = off")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
     config: str = arg("", "YAML file with any of these fields (flags given on the command line win)")
@@ -124,8 +127,8 @@ def simclr_loss(z1, z2, temperature):
 
 def view_recipes(cfg, size):
     if cfg.aug == "byol":
-        return augment.byol_recipes(size)
-    return [augment.simclr_recipe(size, cfg.color_strength, cfg.blur)]  # both views from the same recipe
+        return augment.byol_recipes(size, crop_min=cfg.crop_min)
+    return [augment.simclr_recipe(size, cfg.color_strength, cfg.blur, cfg.crop_min)]  # both views, the same recipe
 
 
 def build_model(cfg, size):
@@ -180,7 +183,8 @@ def main():
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
-    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

@@ -64,7 +64,7 @@ class Config:
     gsg: bool = arg(True, "guided stop-gradient on 4 views (Alg. 1); false = the base method on 2 views")
     ema_momentum: float = arg(0.99, "BYOL target momentum m, constant (gsg/builder.py: 0.99)")
     # model
-    arch: str = arg("resnet50", "backbone (C.1: resnet50; C.2: resnet18, CIFAR stem)", choices=tuple(models.BACKBONES))
+    arch: str = arg("resnet50", "backbone (C.1: resnet50; C.2: resnet18, CIFAR stem)", choices=models.ARCHS)
     zero_init_residual: bool = arg(True, "zero-init the last BN of each residual block (SimSiam code; lightly: off)")
     proj_hidden_dim: int = arg(2048, "projector hidden width (C.1, C.2: 2048)")
     proj_dim: int = arg(2048, "projector output dimension (C.1, C.2: 2048)")
@@ -90,6 +90,7 @@ class Config:
     num_workers: int = arg(8, "data-loading workers per GPU")
     max_steps_per_epoch: int = arg(0, "stop each epoch after this many steps; 0 = the full epoch (tests use 2)")
     eval_every: int = arg(10, "k-NN monitor every this many epochs (and after the last); 0 = off")
+    knn_bank: int = arg(0, "k-NN monitor: this many training images as neighbours, evenly spaced (0 = all)")
     knn_temperature: float = arg(0.07, "k-NN vote temperature (DINO: 0.07; lightly's CIFAR-10 benchmark: 0.1)")
     log_every: int = arg(50, "print a progress line every this many steps")
     save_every: int = arg(0, "also keep epoch_XXXX.pt every this many epochs; 0 = only last.pt")
@@ -242,7 +243,8 @@ def main():
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", view_maker.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
-    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers) if cfg.eval_every else None
+    knn = KNNMonitor(cfg.dataset, cfg.data_dir, size, ctx, num_workers=cfg.num_workers,
+                     bank_size=cfg.knn_bank) if cfg.eval_every else None
 
     # ----- model (and the momentum target for --base byol) -----
     model, model_ddp, note = dist.prepare(build_model(cfg, size), ctx, cfg.sync_bn, cfg.compile, channels_last)

@@ -4,7 +4,8 @@ and teachers of CRD and IFACD: resnet8..110, resnet8x4/32x4, wrn_16_1..wrn_40_2,
 `build_cifar_model(name, num_classes=100)` is the one entry point; the parameter counts equal METHODS.md section 10
 (tests/test_cifar_models.py) and the parameter names are RepDistiller's, so its state dicts load as they are.
 `model(x)` returns logits; `model(x, features=True)` returns `Features`, collected in the forward pass itself (no
-hooks, so it behaves the same under DDP and autocast).
+hooks, so it behaves the same under DDP and autocast). With num_classes=0 the model is headless (no classifier):
+`model(x)` returns the pooled feature (B, embed_dim), the backbone the SSL scripts train.
 """
 from dataclasses import dataclass
 
@@ -31,6 +32,18 @@ class Features:
 
 def _pool(x):  # (B, C, H, W) -> (B, C); = RepDistiller's AvgPool2d(8) on the 8x8 maps of 32 px inputs
     return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def _classifier(dim, num_classes):
+    return nn.Linear(dim, num_classes) if num_classes else None  # 0: headless (SSL backbones)
+
+
+def _outputs(classifier, stages, pooled, last_stage, features):
+    """logits (pooled feature when headless), or Features."""
+    logits = classifier(pooled) if classifier is not None else None
+    if features:
+        return Features(stages, pooled, logits, last_stage)
+    return pooled if logits is None else logits
 
 
 # ------------------------------------ resnet-D (He et al. 2016, CIFAR) ------------------------------------
@@ -63,7 +76,7 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = (nn.Sequential(*[
             BasicBlock(c[i] if b == 0 else c[i + 1], c[i + 1], 2 if i and b == 0 else 1) for b in range(n)])
             for i in range(3))
-        self.fc = nn.Linear(c[3], num_classes)
+        self.fc = _classifier(c[3], num_classes)
         self.embed_dim = c[3]
         for m in self.modules():  # RepDistiller's init: He normal (fan_out) convs, BN = identity, default Linear
             if isinstance(m, nn.Conv2d):
@@ -78,12 +91,8 @@ class ResNet(nn.Module):
                 if i:
                     relus.append((mid, x))
             stages.append(x)
-        pooled = _pool(x)
-        logits = self.fc(pooled)
-        if not features:
-            return logits
         keep = len(self.layer3) if len(self.layer3) > 1 else 2  # one block in stage 3: stage 2's last one too
-        return Features(stages, pooled, logits, [t for pair in relus[-keep:] for t in pair])
+        return _outputs(self.fc, stages, _pool(x), [t for pair in relus[-keep:] for t in pair], features)
 
 
 # ---------------------------- wrn-D-w (Zagoruyko & Komodakis 2016), pre-activation ----------------------------
@@ -121,7 +130,7 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
         self.block1, self.block2, self.block3 = (NetworkBlock(n, c[i], c[i + 1], 1 if i == 0 else 2) for i in range(3))
         self.bn1 = nn.BatchNorm2d(c[3])
-        self.fc = nn.Linear(c[3], num_classes)
+        self.fc = _classifier(c[3], num_classes)
         self.embed_dim = c[3]
         for m in self.modules():  # reference init: N(0, sqrt(2 / (k*k*out))) convs, BN = identity, Linear bias 0
             if isinstance(m, nn.Conv2d):
@@ -138,9 +147,7 @@ class WideResNet(nn.Module):
                 relus += [r1, r2] if i == 2 else []
             stages.append(x)
         final = F.relu(self.bn1(x))
-        pooled = _pool(final)
-        logits = self.fc(pooled)
-        return Features(stages, pooled, logits, relus + [final]) if features else logits
+        return _outputs(self.fc, stages, _pool(final), relus + [final], features)
 
 
 # ------------------------------- vggN with BN (Simonyan & Zisserman 2015) -------------------------------
@@ -163,7 +170,7 @@ class VGG(nn.Module):
         super().__init__()
         self.block0, self.block1, self.block2, self.block3, self.block4 = (
             _vgg_block(3 if i == 0 else VGG_WIDTHS[i - 1], [VGG_WIDTHS[i]] * VGG_CONVS[depth][i]) for i in range(5))
-        self.classifier = nn.Linear(512, num_classes)
+        self.classifier = _classifier(512, num_classes)
         self.embed_dim = 512
         for m in self.modules():  # reference init: He normal (fan_out) convs with zero bias, Linear N(0, 0.01)
             if isinstance(m, nn.Conv2d):
@@ -179,9 +186,7 @@ class VGG(nn.Module):
             # max-pool after blocks 0-2 only: pool3 is skipped at 32 px (RepDistiller pools there only at 64 px)
             x = F.relu(block(F.max_pool2d(x, 2) if 1 <= i <= 3 else x))
             stages.append(x)
-        pooled = _pool(x)
-        logits = self.classifier(pooled)
-        return Features(stages, pooled, logits, stages[1:5]) if features else logits
+        return _outputs(self.classifier, stages, _pool(x), stages[1:5], features)
 
 
 # ---------------------------------------------------- the zoo ----------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import augment, checkpoint, data, dist, schedules
 from common.config import ConfigError, arg, parse, run
 from common.log import print0
-from eval.knn import extract, features, select_layers
+from eval.knn import eval_dataset, extract, features, select_layers
 
 
 def _snapshot(module):
@@ -92,11 +92,10 @@ def linear_eval(backbone, dataset, data_dir, image_size, ctx, cfg, layers=None, 
     """Train and test linear probes on a frozen backbone; returns the top-1 % per evaluated layer."""
     backbone.eval().requires_grad_(False)
     before = _snapshot(backbone)
-    val = data.build_dataset(dataset, data_dir, "val", augment.eval_transform(image_size), cfg.download, class_list)
+    val = eval_dataset(dataset, data_dir, "val", image_size, cfg.download, class_list)
     val_loader = data.eval_loader(val, cfg.batch_size // ctx.world_size, ctx, cfg.num_workers)
     if cfg.mode == "fast":
-        train = data.build_dataset(dataset, data_dir, "train", augment.eval_transform(image_size), cfg.download,
-                                   class_list)
+        train = eval_dataset(dataset, data_dir, "train", image_size, cfg.download, class_list)
         train_f, train_y = extract(backbone, data.eval_loader(train, 256, ctx, cfg.num_workers), ctx, layers,
                                    unit_norm=False)
         stats = [(f.mean(0), f.std(0) + 1e-6) for f in train_f]  # standardise: a fixed affine map, still linear

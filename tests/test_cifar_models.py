@@ -82,3 +82,21 @@ def test_repdistiller_parameter_names():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown CIFAR model 'resnet19'"):
         build_cifar_model("resnet19")
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet20", "wrn_16_2", "vgg8"])
+def test_headless_zoo_backbones_for_ssl(name):
+    """models.build_model gives the zoo without its classifier: forward -> the pooled feature (B, embed_dim), the
+    same tensor as the classifier's input, at 28 px (Fashion-MNIST) as at 32 px."""
+    from common import models
+    torch.manual_seed(0)
+    headless = models.build_model(name)
+    full = build_cifar_model(name)
+    assert count(headless) == PARAMS[name][0] - (PARAMS[name][1] * 100 + 100)
+    full.load_state_dict(headless.state_dict(), strict=False)
+    x = torch.randn(2, 3, 28, 28)
+    headless.eval(), full.eval()
+    out = headless(x)
+    assert out.shape == (2, PARAMS[name][1])
+    torch.testing.assert_close(out, full(x, features=True).pooled)
+    assert headless(x, features=True).logits is None
