@@ -44,7 +44,7 @@ Run
     torchrun --standalone --nproc_per_node=4 ifacd_distill.py --config configs/ifacd_distill/vgg13-vgg8_crd.yaml
     python ifacd_distill.py --dataset fake --distill none --student resnet8 --epochs 1 --max_steps_per_epoch 2 \
         --device cpu                                                                             # CPU smoke run
-    python scripts/run_table.py --seeds 0 1 2                             # the whole table: every method, all pairs
+    python scripts/run_table.py ifacd --seeds 0 1 2                       # the whole table: every method, all pairs
 """
 import math
 import os
@@ -56,14 +56,15 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import distill_losses as L
-from common import augment, checkpoint, config, data, dist, log, optim, schedules
+from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
 from common.cifar_models import CIFAR_MODELS, build_cifar_model, feature_shapes
 from common.config import ConfigError, arg
 from common.log import print0
 
 MEAN_STD = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # RepDistiller dataset/cifar100.py
-            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
-NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fake": 10}
+            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3), "mnist": ((0.1307,) * 3, (0.3081,) * 3)}
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "mnist": 10, "fake": 10}
 METHODS = ("none", "kd", "crd", "ifacd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst")
 HEADS_COUNTED_TWICE = ("crd", "ifacd")  # in both module_list and criterion_list of RepDistiller/the fork (section 10)
 
@@ -227,11 +228,12 @@ class IFACDHead(nn.Module):
         return torch.stack(views, dim=1)  # (B, 1+n, feat_dim)
 
 
-def build_heads(cfg, student, teacher):
-    """The trainable distillation modules of cfg.distill, sized by a probe forward of both models; None if none."""
+def build_heads(cfg, student, teacher, size=32):
+    """The trainable distillation modules of cfg.distill, sized by a probe forward of both models at the training
+    image size; None if none."""
     if cfg.distill in ("none", "kd"):
         return None
-    s, t = feature_shapes(student), feature_shapes(teacher)
+    s, t = feature_shapes(student, size), feature_shapes(teacher, size)
     if cfg.distill in L.BASELINES:  # FitNet's regressor, CC's embeddings, VID's regressors; None for the others
         return L.build_head(cfg.distill, s, t, cfg.feat_dim, cfg.hint_layer)
     if cfg.distill == "crd":
@@ -292,13 +294,13 @@ class DistillSet(Dataset):
         return x, y, i, self.order[j + count * (j >= start)]  # positions past class y's block skip over it
 
 
-def load_teacher(cfg, num_classes, device):
+def load_teacher(cfg, num_classes, device, channels_last=False):
     """The frozen teacher: `cfg.teacher` with the weights of `cfg.teacher_ckpt` (this script's last.pt, or a bare
     state dict / RepDistiller's {'model': state_dict}), strict, in eval mode and without gradients."""
     path = cfg.teacher_ckpt
     if not os.path.isfile(path):
         raise ConfigError(f"teacher checkpoint {path} does not exist; train the teacher with "
-                          f"`--distill none --student {cfg.teacher}` (scripts/run_table.py does it)")
+                          f"`--distill none --student {cfg.teacher}` (scripts/run_table.py ifacd does it)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -319,7 +321,8 @@ def load_teacher(cfg, num_classes, device):
     except (RuntimeError, TypeError, AttributeError) as e:
         detail = str(e).splitlines()[0][:200]
         raise ConfigError(f"teacher checkpoint {path} does not fit {cfg.teacher}: {detail}") from None
-    return teacher.requires_grad_(False).eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    return teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
 
 
 # ================================================== training ==================================================
@@ -389,22 +392,24 @@ def main():
     log.start(cfg, ctx)
     torch.manual_seed(cfg.seed)  # same initial weights and CRD banks on every rank
 
-    # ----- data: RandomCrop(32, 4) + flip for training, the plain normalised images for the test -----
+    # ----- data: RandomCrop(32, 4) + flip for training (28 px: pad 3), the plain normalised images for the test -----
     mean, std = MEAN_STD.get(cfg.dataset, MEAN_STD["cifar100"])
+    size = data.DEFAULT_IMAGE_SIZE[cfg.dataset]
     train_base = data.build_dataset(cfg.dataset, cfg.data_dir, "train",
-                                    augment.linear_train_transform(32, mean, std), cfg.download)
+                                    augment.linear_train_transform(size, mean, std), cfg.download)
     train_set = DistillSet(train_base, cfg.crd_negatives if cfg.distill == "crd" else 0)
-    test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(32, mean, std))
+    test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(size, mean, std))
     loader = data.train_loader(train_set, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     test_loader = data.eval_loader(test_set, 256, ctx, cfg.num_workers)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
 
     # ----- models: frozen teacher, student + distillation heads (one DDP module), CRD memory -----
     num_classes = NUM_CLASSES[cfg.dataset]
-    teacher = load_teacher(cfg, num_classes, ctx.device) if cfg.distill != "none" else None
+    channels_last = models.use_channels_last(cfg.student, ctx.device)  # NHWC convolutions (also on the CPU)
+    teacher = load_teacher(cfg, num_classes, ctx.device, channels_last) if cfg.distill != "none" else None
     student = build_cifar_model(cfg.student, num_classes)
-    model, model_ddp, note = dist.prepare(Distiller(student, build_heads(cfg, student, teacher)), ctx, cfg.sync_bn,
-                                          cfg.compile, channels_last=ctx.device.type == "cuda")
+    model, model_ddp, note = dist.prepare(Distiller(student, build_heads(cfg, student, teacher, size)), ctx,
+                                          cfg.sync_bn, cfg.compile, channels_last)
     crd = cfg.distill == "crd"
     memory = (CRDMemory(len(train_set), cfg.feat_dim, cfg.crd_momentum) if crd else nn.Module()).to(ctx.device)
     params, params_slides = param_counts(model, teacher, cfg.distill)
