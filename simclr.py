@@ -4,6 +4,13 @@ Two augmented views of every image go through the same backbone f and projection
 (Eq. 1) pulls the two projections of an image together and pushes away the other 2N-2 projections of the
 global batch (gathered from every GPU, with gradient). The backbone is kept, the head thrown away.
 
+IFACLR (`--method lwclr|simlwclr`; the IFACD slides, appendix A, and their prototype arkel23/layerwiseclr) is SimCLR
+with layers as extra positives: the CLS tokens of the last N ViT blocks (`--layers N`), each through a new shared
+LayerNorm and the same head, are positives of each other and of the other view's, and every other image's
+representation at every layer is a negative, under the supervised contrastive loss without labels
+(`ifaclr_loss`). lwclr: one view, the intermediate layers detached (they pull the last layer towards them, not the
+other way); simlwclr: two views, each view's last layer with the other view's last N layers.
+
 Reproduces
 - CIFAR-10 (default; `configs/simclr/cifar10_resnet18.yaml`): the authors' CIFAR-10 command (App. B.9 and the
   official README): ResNet-18 with the CIFAR stem, batch 512, 1000 epochs, LARS with lr 1.0 x B/256, wd 1e-4,
@@ -13,6 +20,13 @@ Reproduces
   2-layer head 2048 -> 128, 100 epochs (the paper also reports 1000).
 - ViT-S/16 (`imagenet_vit_small.yaml`): SDSSL's SimCLR baseline (Jang et al., arXiv:2111.12958): BYOL asymmetric
   augmentations, AdamW base lr 1.3e-4, wd 0.1, 40 warmup epochs, tau 0.2, 3-layer head 4096 -> 256.
+- IFACLR (`ifaclr_*.yaml`): the prototype's defaults (METHODS.md section 8): last 2 blocks, tau 0.5, head 3 layers
+  2048 -> 2048 with LayerNorm and GELU and a LayerNorm on the output, SGD momentum 0.9 lr 3e-4 at batch 64, wd 0,
+  warmup then cosine, gradient clipping 1.0, fp32, SimCLR's augmentations. The slides' head is `--head slides`
+  (FC, LN or BN, ReLU, FC). The slides report no numbers: what they name as obstacles (collapse, "layer 1 as similar
+  as layer N => identity function") is logged per epoch as `layer_cos`, the mean cosine similarity between the
+  first and the last used layer's projections of an image, and `python -m eval.knn --layer all --plot` shows the
+  per-block k-NN of a trained checkpoint.
 Known deviations
 - The last BN of the head has no affine parameters (the TF code keeps a scale, no shift).
 - LARS applies momentum to the adapted gradient and multiplies by lr afterwards (MoCo v3's PyTorch LARS); the TF
@@ -22,6 +36,11 @@ Known deviations
   reports that sum). Under LARS it matters: the biases and BN parameters (not adapted) take twice the step, and
   weight decay weighs half as much in the trust ratio. SDSSL's ViT baseline averages (its config turns it off).
 - k-NN monitor (k = 20 and 200, T = 0.07) instead of the paper's online linear head.
+- IFACLR: the prototype normalises with CIFAR's mean and std (ImageNet's here), warms up for 1000 steps (whole
+  epochs here) and may scale SupCon by tau / base_tau (1 here, as the IFACD fork's). With BN heads, the last N
+  layers' rows share the BN statistics (one pass of the head over all of them). The backbone's final LayerNorm is
+  not on the training path (the new shared one is), so it is frozen at its init and evaluation (the backbone's
+  output, or --layer N) sees the CLS standardised by it.
 
 Run
     python simclr.py                                                     # CIFAR-10, downloads it (1 GPU or CPU)
@@ -35,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
-from common.config import arg
+from common.config import ConfigError, arg
 from common.log import print0
 from eval.knn import KNNMonitor
 
@@ -52,6 +71,12 @@ class Config:
     blur: bool = arg(False, "Gaussian blur p=0.5 (paper: on for ImageNet, off for CIFAR-10)")
     aug: str = arg("simclr", "simclr (Sec. 3) or byol (asymmetric pair, SDSSL's ViT baseline)",
                    choices=("simclr", "byol"))
+    # method
+    method: str = arg("simclr", "simclr (NT-Xent), or IFACLR: lwclr (one view, layers as positives) or simlwclr "
+                                "(two views)", choices=("simclr", "lwclr", "simlwclr"))
+    layers: int = arg(2, "IFACLR: the last N ViT blocks are positives of each other (prototype: 2)")
+    detach_layers: bool = arg(True, "IFACLR: no gradient through the intermediate layers' CLS (prototype: lwclr "
+                                    "true, simlwclr false)")
     aug_device: str = arg("auto", "where views are made: cpu (torchvision in the loader workers), gpu (batched on the "
                                   "training device; in-memory datasets), auto (gpu on CUDA when possible)",
                           choices=("auto", "cpu", "gpu"))
@@ -65,6 +90,11 @@ class Config:
     proj_hidden_dim: int = arg(512, "projection head hidden width (paper: = backbone width, 2048 for R50)")
     proj_dim: int = arg(128, "projection output dimension (paper: 128)")
     proj_layers: int = arg(2, "projection head layers (paper: 2; SDSSL ViT: 3)")
+    head: str = arg("simclr", "projection head: simclr (Linear-BN-ReLU, BN on the output), slides (IFACD slides: FC, "
+                              "norm, ReLU, FC) or prototype (layerwiseclr: norm + GELU, norm on the output)",
+                    choices=("simclr", "slides", "prototype"))
+    head_norm: str = arg("bn", "norm of the slides / prototype heads (prototype: ln; its --bn_proj: bn)",
+                         choices=("bn", "ln"))
     sync_bn: bool = arg(True, "SyncBN across GPUs (the paper's global BN); ignored on the CPU")
     # loss and optimisation
     temperature: float = arg(0.5, "NT-Xent temperature tau (paper: 0.5 CIFAR-10 B512, 0.1 ImageNet B4096)")
@@ -77,6 +107,7 @@ class Config:
     warmup_epochs: int = arg(10, "linear warmup epochs before the cosine decay (paper: 10)")
     epochs: int = arg(1000, "training epochs (paper CIFAR-10: 1000)")
     batch_size: int = arg(512, "global batch size over all GPUs (paper CIFAR-10: 512)")
+    clip_grad_norm: float = arg(0.0, "clip the global gradient norm to this; 0 = off (IFACLR prototype: 1.0)")
     amp: str = arg("bf16", "mixed precision on CUDA: none, bf16 or fp16", choices=("none", "bf16", "fp16"))
     compile: bool = arg(False, "torch.compile the model (and the batched augmentation's hue op)")
     # run
@@ -96,14 +127,28 @@ class Config:
 # ===================================== method: model, views and NT-Xent loss =====================================
 
 class SimCLR(nn.Module):
-    """f (backbone) followed by g (projection head). forward(x) -> z."""
+    """f (backbone) followed by g (projection head). forward(x) -> z (n, D).
 
-    def __init__(self, backbone, projector):
+    IFACLR (layers = N > 0): the CLS tokens of the last N ViT blocks, each through a new LayerNorm shared by the
+    layers and then the same head: z (n, N, D), the last block last. With `detach`, the intermediate CLS tokens
+    carry no gradient back into the backbone (the prototype's lwclr)."""
+
+    def __init__(self, backbone, projector, layers=0, detach=False):
         super().__init__()
-        self.backbone, self.projector = backbone, projector
+        self.backbone, self.projector, self.layers, self.detach = backbone, projector, layers, detach
+        self.layer_norm = nn.LayerNorm(backbone.embed_dim) if layers else None
+        if layers:  # the backbone's own final LayerNorm is off IFACLR's path: it stays a plain standardisation
+            backbone.norm.requires_grad_(False)
 
     def forward(self, x):
-        return self.projector(self.backbone(x))
+        if not self.layers:
+            return self.projector(self.backbone(x))
+        _, tokens = self.backbone.forward_intermediates(x, norm=False)  # depth x (n, 1+T, d), raw block outputs
+        cls = [t[:, 0] for t in tokens[-self.layers:]]  # N x (n, d)
+        if self.detach:
+            cls = [c.detach() for c in cls[:-1]] + cls[-1:]
+        h = self.layer_norm(torch.stack(cls, dim=1))  # (n, N, d)
+        return self.projector(h.flatten(0, 1)).view(x.shape[0], self.layers, -1)  # one pass of the head: (n, N, D)
 
 
 def simclr_loss(z1, z2, temperature):
@@ -125,6 +170,34 @@ def simclr_loss(z1, z2, temperature):
     return F.cross_entropy(logits, positives)
 
 
+def ifaclr_loss(z, temperature):
+    """IFACLR's loss (IFACD slides, appendix A: SupCon's L^sup_out, Khosla et al. 2020 Eq. 2, with an image's own
+    views and layers as its positives instead of its label's images):
+        L = 1/|I| sum_i -1/|P(i)| sum_{p in P(i)} log( exp(z_i . z_p / tau) / sum_{a in A(i)} exp(z_i . z_a / tau) )
+    z: (n, V, D) this rank's n images x V representations (views x layers), any scale (L2-normalised here). Every
+    one of them is an anchor i; P(i) = the other V - 1 of its image, A(i) = every representation of the global batch
+    but i itself (gathered from all ranks with gradient). Returns the mean over this rank's n * V anchors."""
+    n, v, _ = z.shape
+    z = F.normalize(z, dim=2).flatten(0, 1)  # (nV, D): row i*V + j = representation j of image i
+    z_all = dist.gather_with_grad(z)  # (W*nV, D): rank r's rows at [nV*r, nV*(r+1))
+    rows = torch.arange(n * v, device=z.device) + n * v * dist.rank()  # the anchors' global row numbers
+    cols = torch.arange(z_all.shape[0], device=z.device)
+    own = cols[None, :] == rows[:, None]  # (nV, W*nV): the anchor itself, left out of A(i)
+    positive = (cols[None, :] // v == rows[:, None] // v) & ~own  # the same image, another view or layer
+    log_prob = (z @ z_all.T / temperature).masked_fill(own, float("-inf")).log_softmax(dim=1)
+    return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (v - 1)).mean()
+
+
+def ifaclr_objective(cfg, z):
+    """lwclr: z (n, N, D), one view's last N layers are the positives. simlwclr: z (2n, N, D), both views; each
+    view's last layer with the other view's N layers, both ways, averaged."""
+    if cfg.method == "lwclr":
+        return ifaclr_loss(z, cfg.temperature)
+    z1, z2 = z.chunk(2)  # (n, N, D) each
+    return 0.5 * (ifaclr_loss(torch.cat([z1[:, -1:], z2], dim=1), cfg.temperature)  # (n, 1 + N, D)
+                  + ifaclr_loss(torch.cat([z2[:, -1:], z1], dim=1), cfg.temperature))
+
+
 def view_recipes(cfg, size):
     if cfg.aug == "byol":
         return augment.byol_recipes(size, crop_min=cfg.crop_min)
@@ -135,36 +208,52 @@ def build_model(cfg, size):
     backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size, num_heads=cfg.num_heads,
                                   stop_grad_patch_embed=cfg.freeze_patch_embed,
                                   zero_init_residual=cfg.zero_init_residual)
-    projector = models.mlp(backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, last_norm=True)
-    return SimCLR(backbone, projector)
+    d, hidden, out = backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim
+    if cfg.head == "simclr":  # App. B: Linear -> BN -> ReLU -> Linear, BN on the output (no affine)
+        projector = models.mlp(d, hidden, out, cfg.proj_layers, last_norm=True)
+    elif cfg.head == "slides":  # IFACD slides' contrastive head: FC, LN/BN1d, ReLU, FC
+        projector = models.mlp(d, hidden, out, 2, last_norm=False, norm=cfg.head_norm)
+    else:  # layerwiseclr heads.py: LN + GELU (BN + ReLU with --bn_proj), a norm on the output
+        projector = models.mlp(d, hidden, out, cfg.proj_layers, norm=cfg.head_norm,
+                               act="gelu" if cfg.head_norm == "ln" else "relu")
+    if cfg.method == "simclr":
+        return SimCLR(backbone, projector)
+    if not models.is_vit(cfg.arch) or not 2 <= cfg.layers <= backbone.depth:
+        raise ConfigError(f"--method {cfg.method} needs a ViT and 2 <= --layers <= its depth; got {cfg.arch}, "
+                          f"layers {cfg.layers}")
+    return SimCLR(backbone, projector, cfg.layers, cfg.detach_layers)
 
 
 # ================================================== training ==================================================
 
 def train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch, step, total_steps):
     model_ddp.train()
-    meter = log.Meter()
+    meter, layer_cos = log.Meter(), log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Sec. B.1)
     warmup_steps = cfg.warmup_epochs * progress.total
     for i, (images, _) in enumerate(progress):
         lr = schedules.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
         optim.set_lr_wd(optimizer, lr)
-        x1, x2 = views(images)  # (n, 3, H, W) each, on the device
         # Both views in one forward pass, so BN normalises over all 2n images (the paper's global BN).
-        x = torch.cat([x1, x2])  # (2n, 3, H, W)
+        x = torch.cat(views(images))  # (2n, 3, H, W); lwclr: one view, (n, 3, H, W)
         with optim.autocast(cfg.amp, ctx.device):
-            z = model_ddp(x)  # (2n, proj_dim)
-        z1, z2 = z.float().chunk(2)  # the loss in float32: bf16/fp16 normalisation and exp are not safe
-        loss = simclr_loss(z1, z2, cfg.temperature)  # Eq. 1: the mean over the 2N anchors
-        if cfg.sum_directions:  # the TF code: loss_a + loss_b, each view's anchors averaged on their own = 2 x mean
-            loss = 2 * loss
-        optim.step(loss, optimizer, scaler)
+            z = model_ddp(x).float()  # (2n, D), IFACLR (views * n, N, D); the loss in float32 (normalisation, exp)
+        if cfg.method == "simclr":
+            loss = simclr_loss(*z.chunk(2), cfg.temperature)  # Eq. 1: the mean over the 2N anchors
+            if cfg.sum_directions:  # the TF code: loss_a + loss_b, each view's anchors averaged on their own
+                loss = 2 * loss
+        else:
+            loss = ifaclr_objective(cfg, z)
+            # The slides' obstacle "layer 1 as similar as layer N => identity function", measured.
+            layer_cos.update(F.cosine_similarity(z[:, 0], z[:, -1], dim=-1).mean(), step)
+        optim.step(loss, optimizer, scaler, cfg.clip_grad_norm, model_ddp.parameters())
         meter.update(loss, step)
         progress.log(i, step, meter, lr=lr)
         step += 1
     meter.check()
-    return step, {"loss": meter.global_avg(), "lr": lr, **progress.stats()}
+    extra = {"layer_cos": layer_cos.global_avg()} if layer_cos.count else {}
+    return step, {"loss": meter.global_avg(), "lr": lr, **extra, **progress.stats()}
 
 
 def main():
@@ -178,8 +267,8 @@ def main():
     # ----- data -----
     size = data.image_size(cfg)
     channels_last = models.use_channels_last(cfg.arch, ctx.device)
-    views = augment.ViewMaker(view_recipes(cfg, size), 2, ctx.device, cfg.aug_device, cfg.dataset, cfg.compile,
-                              channels_last)
+    views = augment.ViewMaker(view_recipes(cfg, size), 1 if cfg.method == "lwclr" else 2, ctx.device, cfg.aug_device,
+                              cfg.dataset, cfg.compile, channels_last)
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform, cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)

@@ -46,6 +46,7 @@ BACKBONES = {
     "vit_debug": dict(family="vit", embed_dim=32, depth=2, num_heads=2),
     # vit_mini: a 6-block, 192-d ViT for 28-32 px images on a CPU (Fashion-MNIST rows; use --patch_size 4).
     "vit_mini": dict(family="vit", embed_dim=192, depth=6, num_heads=3),
+    "vit_mini128": dict(family="vit", embed_dim=128, depth=6, num_heads=4),  # EXPERIMENT
     "vit_tiny": dict(family="vit", embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(family="vit", embed_dim=384, depth=12, num_heads=12),  # 12 heads: MoCo v3 (DeiT uses 6)
     "vit_base": dict(family="vit", embed_dim=768, depth=12, num_heads=12),
@@ -92,17 +93,18 @@ def use_channels_last(name, device):
     return device.type == "cuda" or name in CIFAR_MODELS
 
 
-def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False):
+def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False, act="relu"):
     """The one MLP head builder (projectors and predictors of every script).
 
-    Hidden layers: Linear (no bias: the norm that follows has one) -> BN or LN -> ReLU. Last layer: Linear, then
-    an affine-free BN/LN when `last_norm` (SimCLR, MoCo v3, SimSiam projectors). `last_bias` only matters without
-    a last norm (SimSiam's predictor has a bias; MoCo v3's does not). num_layers=1 is a single Linear.
+    Hidden layers: Linear (no bias: the norm that follows has one) -> BN or LN -> ReLU (or GELU). Last layer:
+    Linear, then an affine-free BN/LN when `last_norm` (SimCLR, MoCo v3, SimSiam projectors). `last_bias` only matters
+    without a last norm (SimSiam's predictor has a bias; MoCo v3's does not). num_layers=1 is a single Linear.
     """
     norm_layer = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
+    act_layer = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}[act]
     layers, dim = [], in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=False), norm_layer(hidden_dim), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(dim, hidden_dim, bias=False), norm_layer(hidden_dim), act_layer()]
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_norm))
     if last_norm:
