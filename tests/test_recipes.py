@@ -139,6 +139,15 @@ RECIPES = {
     **{os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]: byol_pair()  # SDSSL Sec. 4.1: MoCo v3's pair
        for p in glob.glob(os.path.join(ROOT, "configs", "sdssl", "*_vit_*.yaml"))},
     "sdssl/mocov3_resnet50": byol_pair(0.2),
+    "simclr/ifaclr_imagenet_vit_small": [SIMCLR_IMAGENET], "simclr/ifaclr_cifar10_vit": [SIMCLR_IMAGENET],  # prototype
+    # The Fashion-MNIST CPU recipes (their headers say why): crops from 0.2 of the image, no blur where the script
+    # has the switch; jitter's saturation and hue are no-ops on grey images.
+    "simclr/fashion_mnist_cpu": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
+    "simclr/ifaclr_fashion_mnist_cpu": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
+    "mocov3/fashion_mnist_cpu": byol_pair(0.2, blur=False), "byol/fashion_mnist_cpu": byol_pair(0.2, blur=False),
+    **{f"simsiam_gsg/fashion_mnist_cpu_{m}": mocov2(0.2, False) for m in ("simsiam", "simsiam_gsg", "byol_gsg")},
+    "msbreg/fashion_mnist_cpu": [dict(MSBREG[0], crop_scale=(0.2, 1.0))],
+    "sdssl/fashion_mnist_cpu": byol_pair(0.2), "sdssl/fashion_mnist_cpu_plain": byol_pair(0.2),
 }
 
 
