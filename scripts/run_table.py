@@ -1,17 +1,24 @@
-"""Reproduce the IFACD slides' CIFAR-100 table (S000), all of it or some rows, with ifacd_distill.py.
+"""The benchmark tables, one entry point: `python scripts/run_table.py TABLE [options] [-- flags for every run]`.
 
-Trains every teacher the requested pairs need once (configs/ifacd_distill/vanilla_<teacher>.yaml, seed 0), then runs
-each (method, pair, seed) and writes OUT/results.csv (one line per run: last-epoch and best test top-1) and
-OUT/results.md (mean +- std over seeds of the last-epoch top-1, the slides' number beside it). A run whose last.pt
-reached its final epoch is skipped; an unfinished one is relaunched and resumes on its own (auto-resume).
+    ifacd                   the IFACD slides' CIFAR-100 distillation table (S000), with ifacd_distill.py (this file;
+                            also what runs when TABLE is left out)
+    fashion_mnist           every SSL method on Fashion-MNIST on a CPU, with its baselines (scripts/fashion_mnist.py)
+    fashion_mnist_distill   its distillation rows: resnet56 teacher, resnet20 alone / KD / CRD / IFACD
 
-    python scripts/run_table.py --seeds 0 1 2 --nproc 1                      # the whole table: every row, six pairs
-    python scripts/run_table.py --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2              # some rows
-    python scripts/run_table.py --methods student ifacd2 --pairs resnet56-resnet20 --dry_run   # print the commands
-    python scripts/run_table.py --methods kd --seeds 0 -- --data_dir /data --num_workers 4      # flags for every run
+Runs already finished are skipped (a last.pt that reached its final epoch); an unfinished one is relaunched and
+resumes on its own (auto-resume). This script only launches processes and reads what they write; it never imports
+torch unless a last.pt exists.
+
+The IFACD table trains every teacher the requested pairs need once (configs/ifacd_distill/vanilla_<teacher>.yaml,
+seed 0), then runs each (method, pair, seed) and writes OUT/results.csv (one line per run: last-epoch and best test
+top-1) and OUT/results.md (mean +- std over seeds of the last-epoch top-1, the slides' number beside it).
+
+    python scripts/run_table.py ifacd --seeds 0 1 2 --nproc 1                  # the whole table: every row, six pairs
+    python scripts/run_table.py ifacd --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2      # some rows
+    python scripts/run_table.py ifacd --methods student ifacd2 --pairs resnet56-resnet20 --dry_run   # the commands
+    python scripts/run_table.py ifacd --methods kd --seeds 0 -- --data_dir /data --num_workers 4  # flags for every run
 Methods: `teacher` and `student` (the vanilla rows), or any configs/ifacd_distill/<teacher>-<student>_<method>.yaml
 (the table's: kd, hint, attention, similarity, correlation, vid, rkd, pkt, nst, crd, ifacd1, ifacd2, ifacd3).
-This script only launches processes and reads their log.jsonl; it never imports torch unless a last.pt exists.
 """
 import argparse
 import csv
@@ -40,7 +47,7 @@ SLIDES = {
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="run_table.py ifacd", description="the IFACD slides' CIFAR-100 table")
     p.add_argument("--methods", nargs="+", default=[m for m in SLIDES if m != "teacher"],
                    help="rows to run (default: the whole table; the teachers are always trained)")
     p.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
@@ -67,9 +74,10 @@ def is_complete(run_dir):
     return blob["epoch"] >= blob["config"]["epochs"]
 
 
-def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "ifacd_distill.py"), "--config", cfg_path, "--output_dir", run_dir]
+def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None, script="ifacd_distill.py"):
+    """The launch of one run: torchrun with nproc processes (plain python for nproc 0)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, script), "--config", cfg_path, "--output_dir", run_dir]
     cmd += ["--seed", str(seed)] if seed is not None else []
     cmd += ["--teacher_ckpt", os.path.join(teacher_ckpt, "last.pt")] if teacher_ckpt else []
     return cmd + extra
@@ -144,8 +152,8 @@ def summarise(args, runs, write=True):
     return lines
 
 
-def main(argv=None):
-    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+def ifacd_table(argv):
+    args, extra = parse_args(argv)
     runs = plan(args, extra)
     for method, columns, seed, out, cmd in runs:
         if cmd is None:
@@ -158,6 +166,21 @@ def main(argv=None):
     if not args.dry_run:
         runs = [r[:4] + (None if is_complete(r[3]) else r[4],) for r in runs]
     print("\n".join(summarise(args, runs, write=not args.dry_run)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):  # the table's name was added later: no name = the IFACD table, as before
+        argv = ["ifacd"] + argv
+    if argv[0] not in ("ifacd", "fashion_mnist", "fashion_mnist_distill"):
+        raise SystemExit("usage: run_table.py {ifacd,fashion_mnist,fashion_mnist_distill} [options] [-- flags for every "
+                         "run]; ifacd = the IFACD slides' CIFAR-100 table, fashion_mnist = every SSL method on "
+                         "Fashion-MNIST on a CPU, fashion_mnist_distill = its distillation rows")
+    if argv[0] == "ifacd":
+        return ifacd_table(argv[1:])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fashion_mnist  # scripts/fashion_mnist.py
+    fashion_mnist.main(argv[1:], argv[0])
 
 
 if __name__ == "__main__":

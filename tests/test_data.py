@@ -24,7 +24,7 @@ def test_missing_dataset_says_where_and_how(process_group, tmp_path):
     with pytest.raises(ConfigError, match="no image folder at"):
         data.build_dataset("imagefolder", str(tmp_path), "train", None)
     with pytest.raises(ConfigError, match="unknown dataset"):
-        data.build_dataset("mnist", str(tmp_path), "train", None)
+        data.build_dataset("emnist", str(tmp_path), "train", None)
 
 
 def test_class_list_subset(image_folder, tmp_path):

@@ -66,32 +66,39 @@ def test_missing_or_broken_idx_files_are_one_clear_error(tmp_path):
         data.build_dataset("fashion_mnist", root, "train", None)
 
 
-def test_fashion_mnist_table_end_to_end(tmp_path):
+def run_table(*argv, timeout=900):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), *argv], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_fashion_mnist_tables_end_to_end(tmp_path):
     """The runner on tiny idx files with every run cut to one step: two SSL rows (a CIFAR-zoo ResNet and the small
-    ViT, SDSSL), their random-init and raw-pixel baselines, and the distillation rows; then the tables, the CSV,
-    the curves and the wall times are written, and a second call finds everything done and runs nothing."""
+    ViT, SDSSL), their random-init and raw-pixel baselines, and the distillation table's teacher and two students;
+    the tables, the CSV, the curves and the wall times are written, and a second call runs nothing."""
     root = write_fashion(str(tmp_path / "data"))
-    out = str(tmp_path / "table")
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "fashion_mnist", "--rows", "simclr",
-           "sd_mocov3_vit", "teacher", "vanilla", "kd", "--data_dir", root, "--out_root", out, "--linear_epochs", "2",
-           "--", "--epochs", "1", "--max_steps_per_epoch", "1", "--batch_size", "8", "--device", "cpu"]
-    first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out, out_distill = str(tmp_path / "table"), str(tmp_path / "distill")
+    tiny = ["--data_dir", root, "--linear_epochs", "2", "--", "--epochs", "1", "--max_steps_per_epoch", "1",
+            "--batch_size", "8", "--device", "cpu"]
+    ssl = ["fashion_mnist", "--rows", "simclr", "sd_mocov3_vit", "--out_root", out, *tiny]
+    first = run_table(*ssl)
     table = open(os.path.join(out, "results.md")).read()
-    for needle in ("| SimCLR | resnet8 |", "| SD-MoCo v3 (ViT) | vit_mini_p7_h3 |", "| random init | resnet8 |",
-                   "| random init | vit_mini_p7_h3 |", "| raw pixels | - |", "| teacher resnet56 |",
-                   "| resnet20 + KD |", "Total wall time"):
+    for needle in ("| SimCLR | resnet8 |", "| SD-MoCo v3 (ViT) | vit_mini_p7_h4 |", "| random init | resnet8 |",
+                   "| random init | vit_mini_p7_h4 |", "| raw pixels | - |", "Total wall time", "- simclr/seed0: "):
         assert needle in table, needle
     evals = [json.load(open(os.path.join(out, d, "seed0", "eval.json"))) for d in ("simclr", "sd_mocov3_vit")]
     assert all(set(e) == {"knn_top1_k20", "knn_top1_k200", "linear_top1"} for e in evals)
     assert all(0 <= v <= 100 for e in evals for v in e.values())
-    assert len(open(os.path.join(out, "results.csv")).read().splitlines()) == 1 + 2 + 3
-    curves = json.load(open(os.path.join(out, "curves.json")))
-    assert set(curves) == {"SimCLR", "SD-MoCo v3 (ViT)"}
+    assert len(open(os.path.join(out, "results.csv")).read().splitlines()) == 1 + 2
+    assert set(json.load(open(os.path.join(out, "curves.json")))) == {"SimCLR", "SD-MoCo v3 (ViT)"}
     try:
         import matplotlib  # noqa: F401  (optional: without it the runner says so and writes curves.json only)
         assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     except ImportError:
-        assert "no curves.png" in first.stdout
-    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and "# running" not in second.stdout
+        assert "no curves.png" in first
+    assert "# running" not in run_table(*ssl)  # everything is done: nothing runs again
+    run_table("fashion_mnist_distill", "--rows", "vanilla", "kd", "--out_root", out_distill, *tiny)
+    table = open(os.path.join(out_distill, "results.md")).read()
+    for needle in ("| teacher resnet56 |", "| resnet20 alone |", "| resnet20 + KD |", "- teacher: "):
+        assert needle in table, needle

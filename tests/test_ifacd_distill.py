@@ -335,7 +335,7 @@ def test_run_table_dry_run_and_summary(tmp_path):
     root = str(tmp_path / "table")
     argv = ["--methods", "student", "ifacd2", "--pairs", "resnet56-resnet20", "resnet110-resnet20",
             "--seeds", "0", "1", "--out_root", root]
-    printed = run_table(*argv, "--dry_run", "--", "--epochs", "1").splitlines()
+    printed = run_table("ifacd", *argv, "--dry_run", "--", "--epochs", "1").splitlines()
     commands = [line for line in printed if "ifacd_distill.py" in line]
     assert len(commands) == 2 + 2 + 4  # two teachers once, resnet20 vanilla x 2 seeds, 2 pairs x 2 seeds
     assert sum("vanilla_resnet56.yaml" in c for c in commands) == 1 and all(c.endswith("--epochs 1") for c in commands)
@@ -350,7 +350,7 @@ def test_run_table_dry_run_and_summary(tmp_path):
         os.makedirs(os.path.join(root, run))
         M.checkpoint.save(os.path.join(root, run, "last.pt"), 1, 2, {"epochs": 1})
         M.log.append_jsonl(os.path.join(root, run, "log.jsonl"), {"epoch": 0, "test_top1": acc, "best_test_top1": acc})
-    out = run_table(*argv)
+    out = run_table("ifacd", *argv)
     assert "ifacd_distill.py" not in out and out.count("# done") == 8
     table = open(os.path.join(root, "results.md")).read()
     assert ("| ifacd2 | 71.50 ± 0.71 (n=2) [slides 71.7] | 71.00 ± 0.71 (n=2) [slides 71.57] "
@@ -384,10 +384,12 @@ def test_every_cell_of_the_table_has_a_config():
 
 
 def test_run_table_defaults_to_the_whole_table(tmp_path):
-    commands = [c for c in run_table("--seeds", "0", "--out_root", str(tmp_path), "--dry_run").splitlines()
+    commands = [c for c in run_table("ifacd", "--seeds", "0", "--out_root", str(tmp_path), "--dry_run").splitlines()
                 if "ifacd_distill.py" in c]
     # 5 teachers, 5 vanilla students (resnet20 serves two pairs), 13 rows x 6 pairs
     assert len(commands) == 5 + 5 + 13 * 6
+    unnamed = run_table("--seeds", "0", "--out_root", str(tmp_path), "--dry_run")  # before tables had names
+    assert [c for c in unnamed.splitlines() if "ifacd_distill.py" in c] == commands
     for row in TABLE_ROWS:
         assert sum(f"_{row}.yaml" in c for c in commands) == 6, row
 
