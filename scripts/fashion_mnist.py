@@ -200,7 +200,8 @@ def ssl_table(args):
                      f"{mean_std([e['linear_top1'] for e, _, _ in done])} | {mean_std(delta, '{:+.2f}')} | "
                      f"{mean_std(vs_pixels, '{:+.2f}')} | {mean_std(minutes, '{:.1f}')} | "
                      f"{f'{ips:.0f}' if ips else '-'} | {f'{mem:.2f} ({kind})' if mem else '-'} |")
-        csv += [[key, s, e["knn_top1_k20"], e["knn_top1_k200"], e["linear_top1"]] for s, e in zip(args.seeds, evals) if e]
+        csv += [[key, s, e["knn_top1_k20"], e["knn_top1_k200"], e["linear_top1"]]
+                for s, e in zip(args.seeds, evals) if e]
     for base, results in baselines.items():
         lines.append(f"| random init | {base} | {mean_std([r['knn_top1_k20'] for r in results])} | "
                      f"{mean_std([r['knn_top1_k200'] for r in results])} | "

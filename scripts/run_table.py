@@ -170,7 +170,7 @@ def ifacd_table(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):  # the table's name was added later: no name = the IFACD table, as before
+    if not argv or argv[0].startswith("-"):  # no table name: the IFACD table, as before tables had names
         argv = ["ifacd"] + argv
     if argv[0] not in ("ifacd", "fashion_mnist", "fashion_mnist_distill"):
         raise SystemExit("usage: run_table.py {ifacd,fashion_mnist,fashion_mnist_distill} [options] [-- flags for every "
