@@ -6,7 +6,7 @@ frozen features (eval/frozen.py: weighted 20-NN and 200-NN with the 60k training
 probe), next to two baselines evaluated the same way: the same architecture at random init, and raw pixels.
 `run_table.py fashion_mnist_distill`: a resnet56 teacher, then resnet20 students alone, with KD, CRD and IFACD
 (ifacd_distill.py, configs/ifacd_distill/fashion_mnist_*.yaml), reporting test top-1. Two tables because on two
-cores the teacher alone needs about a quarter of an hour to pass 90%.
+cores the teacher alone trains for about 22 minutes (two passes over the images: 88.5% test top-1).
 
     python scripts/run_table.py fashion_mnist                 # one seed, every SSL row (under an hour on 2 cores)
     python scripts/run_table.py fashion_mnist --data_dir /usr/share/datasets/fashion-mnist   # Debian's idx files
