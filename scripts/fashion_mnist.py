@@ -24,13 +24,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 
 import yaml
 
-from run_table import ROOT, command, is_complete
+from run_table import ROOT, command, is_complete, launch
 
 SSL_ROWS = {  # key: (the table's name for it, script, config under configs/)
     "simclr": ("SimCLR", "simclr.py", "simclr/fashion_mnist_cpu"),
@@ -76,21 +74,14 @@ def backbone_key(cfg):
     return cfg["arch"] + (f"_p{cfg['patch_size']}_h{cfg.get('num_heads', 0)}" if cfg["arch"].startswith("vit") else "")
 
 
-def run(cmd, args):
-    """Launch one process (or print it for a dry run); returns its wall time in seconds (0 for a dry run)."""
+def timed(cmd, run_dir, key, args):
+    """Launch cmd (or print it for a dry run) and add its wall time to run_dir/time.json[key]: an interrupted run's
+    attempts add up."""
+    seconds = launch(cmd, args.dry_run)
     if args.dry_run:
-        print(" ".join(cmd))
-        return 0.0
-    print(f"# running: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.perf_counter() - start
-
-
-def add_time(run_dir, key, seconds):
-    """Accumulate wall time in run_dir/time.json (an interrupted run's attempts add up)."""
+        return
     path = os.path.join(run_dir, "time.json")
-    times = json.load(open(path)) if os.path.exists(path) else {}
+    times = read_json(path) or {}
     times[key] = times.get(key, 0.0) + seconds
     with open(path, "w") as f:
         json.dump(times, f)
@@ -102,12 +93,10 @@ def evaluate(run_dir, eval_args, args):
     if os.path.exists(path):
         return
     if not args.dry_run:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)  # eval.frozen writes the JSON there
     cmd = [sys.executable, "-m", "eval.frozen", *eval_args, "--data_dir", args.data_dir, "--json", path,
            "--linear_epochs", str(args.linear_epochs)]
-    seconds = run(cmd, args)
-    if not args.dry_run:
-        add_time(run_dir, "eval_s", seconds)
+    timed(cmd, run_dir, "eval_s", args)
 
 
 def run_all(args, extra):
@@ -122,11 +111,9 @@ def run_all(args, extra):
             if not is_complete(out):
                 cmd = command(os.path.join(ROOT, "configs", config + ".yaml"), out, 0, data + extra, seed,
                               script=script)
-                seconds = run(cmd, args)
-                if not args.dry_run:
-                    add_time(out, "train_s", seconds)
+                timed(cmd, out, "train_s", args)
             evaluate(out, ["--checkpoint", os.path.join(out, "last.pt")], args)
-    for cfg in {backbone_key(recipe(SSL_ROWS[k][2])): recipe(SSL_ROWS[k][2]) for k in ssl}.values():
+    for cfg in {backbone_key(cfg): cfg for cfg in (recipe(SSL_ROWS[k][2]) for k in ssl)}.values():
         for seed in args.seeds:  # the same architecture at random init, seeded as the row
             flags = ["--arch", cfg["arch"], "--patch_size", str(cfg.get("patch_size", 16)),
                      "--num_heads", str(cfg.get("num_heads", 0)), "--seed", str(seed)]
@@ -136,16 +123,18 @@ def run_all(args, extra):
         evaluate(os.path.join(args.out_root, "baselines", "pixels"), ["--arch", "pixels", "--dataset",
                                                                        "fashion_mnist"], args)
     teacher = os.path.join(args.out_root, "teacher")
-    for key in (["teacher"] if distill else []) + [k for k in distill if k != "teacher"]:
+    for key in distill_rows(args) if distill else []:
         config = os.path.join(ROOT, "configs", "ifacd_distill", DISTILL_ROWS[key][1] + ".yaml")
         for seed in [0] if key == "teacher" else args.seeds:
             out = teacher if key == "teacher" else os.path.join(args.out_root, key, f"seed{seed}")
-            if is_complete(out):
-                continue
-            ckpt = None if key in ("teacher", "vanilla") else teacher
-            seconds = run(command(config, out, 0, data + extra, seed, ckpt), args)
-            if not args.dry_run:
-                add_time(out, "train_s", seconds)
+            if not is_complete(out):
+                ckpt = None if key in ("teacher", "vanilla") else teacher
+                timed(command(config, out, 0, data + extra, seed, ckpt), out, "train_s", args)
+
+
+def distill_rows(args):
+    """The requested distillation rows in the table's order, the teacher always first: the students need it."""
+    return ["teacher"] + [k for k in DISTILL_ROWS if k in args.rows and k != "teacher"]
 
 
 # ----------------------------------------------------- the report -----------------------------------------------------
@@ -213,7 +202,7 @@ def ssl_table(args):
 
 
 def distill_table(args):
-    rows = ["teacher"] + [k for k in DISTILL_ROWS if k in args.rows and k != "teacher"]
+    rows = distill_rows(args)
     lines = ["| model | test top-1 | vs resnet20 alone | train (min) | img/s |", "|---|---|---|---|---|"]
     csv, vanilla = [], None
     for key in rows:

@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "ifacd_distill")
@@ -152,17 +153,25 @@ def summarise(args, runs, write=True):
     return lines
 
 
+def launch(cmd, dry_run):
+    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0 for a dry run)."""
+    if dry_run:
+        print(" ".join(cmd))
+        return 0.0
+    print(f"# running: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
 def ifacd_table(argv):
     args, extra = parse_args(argv)
     runs = plan(args, extra)
     for method, columns, seed, out, cmd in runs:
         if cmd is None:
             print(f"# done: {method} seed {seed} ({out})")
-        elif args.dry_run:
-            print(" ".join(cmd))
         else:
-            print(f"# running: {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            launch(cmd, args.dry_run)
     if not args.dry_run:
         runs = [r[:4] + (None if is_complete(r[3]) else r[4],) for r in runs]
     print("\n".join(summarise(args, runs, write=not args.dry_run)))
