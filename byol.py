@@ -244,10 +244,11 @@ def main():
             row.update(knn.log_row(target.backbone))
         log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              evaluate="model",  # BYOL keeps the online encoder (Sec. 3.1)
                               model=model, teacher=target, optimizer=optimizer, scaler=scaler)
 
-    # ----- cleanup: export the online backbone (what BYOL keeps, Sec. 3.1) -----
-    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    # ----- cleanup: export both backbones; the online one is what BYOL keeps (Sec. 3.1) -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone, target.backbone, "model")
     dist.cleanup()
 
 

@@ -248,10 +248,11 @@ def main():
             row.update(knn.log_row(momentum_encoder.backbone))
         log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              evaluate="model",  # MoCo v3's linear probe reads the base encoder (main_lincls.py)
                               model=model, teacher=momentum_encoder, optimizer=optimizer, scaler=scaler)
 
-    # ----- cleanup: export the base encoder's backbone (what MoCo v3 evaluates) -----
-    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    # ----- cleanup: export both backbones; the base encoder's is the one MoCo v3 evaluates -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone, momentum_encoder.backbone, "model")
     dist.cleanup()
 
 

@@ -329,10 +329,11 @@ def main():
             row.update(knn.log_row(target.backbone, ks=(5, 20, 200)))  # Table 1: 5-NN; Table 4: 20/200-NN
         log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              evaluate="model",  # the online backbone is the representation (BYOL Sec. 3.1)
                               model=model, teacher=target, optimizer=optimizer, scaler=scaler)
 
-    # ----- cleanup: the online backbone is the representation (BYOL Sec. 3.1) -----
-    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    # ----- cleanup: export both backbones; the online one is the representation (BYOL Sec. 3.1) -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone, target.backbone, "model")
     dist.cleanup()
 
 

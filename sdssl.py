@@ -402,6 +402,9 @@ def main():
     optimizer = optim.build_optimizer(cfg.optimizer, groups, lr=0.0)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
     states = dict(model=model, optimizer=optimizer, scaler=scaler, **({"teacher": teacher} if teacher else {}))
+    # the authors evaluate the EMA teacher of SD-MoCo v3 / SD-BYOL everywhere (k-NN monitor, multi_exit.py,
+    # linear_moco.py, uni_ali.py); SD-SimCLR has only the student. `--which auto` in eval/* reads this.
+    evaluate = "teacher" if teacher else "model"
 
     # ----- resume -----
     start_epoch, step, _ = checkpoint.resume(cfg, **states)
@@ -416,10 +419,11 @@ def main():
                 dist.broadcast_buffers(teacher)  # the teacher is outside DDP: evaluate with rank 0's BN statistics
             row.update(knn.log_row((teacher or model).backbone))
         log.end_epoch(cfg.output_dir, epoch, step, row)
-        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every, **states)
+        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              evaluate=evaluate, **states)
 
-    # ----- cleanup: export the student backbone (per-layer evaluation: python -m eval.knn --layer all) -----
-    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    # ----- cleanup: export both backbones (per-layer evaluation: python -m eval.knn --layer all) -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone, teacher and teacher.backbone, evaluate)
     dist.cleanup()
 
 

@@ -275,10 +275,11 @@ def main():
             # the online backbone, as GSG's main_knn.py
             row.update(knn.log_row(model.backbone, temperature=cfg.knn_temperature))
         log.end_epoch(cfg.output_dir, epoch, step, row)
-        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every, **states)
+        checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
+                              evaluate="model", **states)  # GSG evaluates the online encoder (main_knn/main_lincls)
 
-    # ----- cleanup -----
-    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone)
+    # ----- cleanup: the online backbone (and the momentum encoder's for --base byol) -----
+    checkpoint.export_backbone(ctx, cfg.output_dir, model.backbone, target and target.backbone, "model")
     dist.cleanup()
 
 

@@ -80,11 +80,14 @@ def to_float(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (images.permute(0, 3, 1, 2).float() / 255 - m) / s
 
 
-def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize="short", interpolation="bilinear"):
     """Evaluation: resize the short side to image_size/0.875 and centre-crop (ImageNet protocol); images already at
-    image_size (CIFAR at 32, STL-10 at 96) pass through unchanged."""
-    return T.Compose([T.Resize(round(image_size / 0.875)) if image_size > 96 else T.Resize(image_size),
-                      T.CenterCrop(image_size)] + _finish(mean, std))
+    image_size (CIFAR at 32, STL-10 at 96) pass through unchanged. resize='square' resizes both sides to that size
+    first (GSG's k-NN: Resize((256, 256)), then CenterCrop(224)); interpolation 'bicubic' is DINO's eval transform."""
+    side = round(image_size / 0.875) if image_size > 96 else image_size
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    size = {"short": side, "square": (side, side)}[resize]
+    return T.Compose([T.Resize(size, interpolation=mode), T.CenterCrop(image_size)] + _finish(mean, std))
 
 
 def linear_train_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, loaded with weights_only=True, resumed automatically from output_dir.
 
 `last.pt` is a plain dict: the state dicts passed to `save` by name (`model`, `teacher`, `optimizer`, `scaler`,
-`loss_state`...), plus `epoch` (the next epoch to run), `step`, `config` and `format`. A file that cannot be read
+`loss_state`...), plus `epoch` (the next epoch to run), `step`, `config`, `format` and `evaluate`: which of `model` and
+`teacher` the paper behind the script evaluates (what the eval tools' `--which auto` picks). A file that cannot be read
 is an error that names it; it is never overwritten silently.
 """
 import os
@@ -15,11 +16,13 @@ from common.log import print0
 FORMAT = 1
 
 
-def save(path, epoch, step, config, **states):
+def save(path, epoch, step, config, evaluate="model", **states):
     """Atomically write `path`: save to path.tmp, fsync, then rename (a crash leaves the old file intact).
     `states` maps names to objects with state_dict() or to plain values. Call on rank 0 only."""
+    if evaluate not in states and evaluate != "model":
+        raise ValueError(f"evaluate={evaluate!r} names no saved state (have {sorted(states)})")
     blob = {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in states.items()}
-    blob.update(epoch=epoch, step=step, config=config, format=FORMAT)
+    blob.update(epoch=epoch, step=step, config=config, format=FORMAT, evaluate=evaluate)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(blob, f)
@@ -73,11 +76,20 @@ def resume(cfg, **objects):
     return blob["epoch"], blob["step"], blob
 
 
-def backbone_state(blob, which="model"):
+WHICH = ("auto", "model", "teacher")  # the eval tools' --which choices
+
+
+def resolve_which(blob, which="auto"):
+    """'auto' -> the network the checkpoint's paper evaluates (its `evaluate` entry; 'model' in older checkpoints)."""
+    return blob.get("evaluate", "model") if which == "auto" else which
+
+
+def backbone_state(blob, which="auto"):
     """The backbone's state dict from a checkpoint blob (keys `backbone.*` of `model` or `teacher`, prefix removed),
     ready for torchvision's ResNets or timm's ViT. A plain state dict (an exported backbone.pt) passes through."""
     if "format" not in blob:
         return blob
+    which = resolve_which(blob, which)
     if which not in blob:
         held = sorted(k for k in blob if k in ("model", "teacher"))
         raise ConfigError(f"the checkpoint has no '{which}' weights (it holds {held})")
@@ -87,8 +99,9 @@ def backbone_state(blob, which="model"):
     return state
 
 
-def load_backbone(path, which="model"):
-    """Rebuild the backbone a training script saved in `path` and load its weights. Returns (backbone, config)."""
+def load_backbone(path, which="auto"):
+    """Rebuild the backbone a training script saved in `path` and load the weights of `which` (model, teacher or auto:
+    the one the paper evaluates). Returns (backbone, config, the resolved which)."""
     from common import data, models  # local: this module stays importable without the model zoo
     blob = load(path)
     cfg = blob["config"]
@@ -99,25 +112,32 @@ def load_backbone(path, which="model"):
     except RuntimeError as e:
         raise ConfigError(f"the backbone weights in {path} do not fit {cfg['arch']}: "
                           f"{str(e).splitlines()[0]}") from None
-    return backbone, cfg
+    return backbone, cfg, resolve_which(blob, which)
 
 
-def save_epoch(ctx, output_dir, epoch, step, config, save_every=0, **states):
+def save_epoch(ctx, output_dir, epoch, step, config, save_every=0, evaluate="model", **states):
     """End-of-epoch checkpoint: rank 0 writes last.pt atomically (and epoch_XXXX.pt every `save_every` epochs),
-    then every rank waits. `epoch` is the number of finished epochs, i.e. the epoch a resume starts at."""
+    then every rank waits. `epoch` is the number of finished epochs, i.e. the epoch a resume starts at; `evaluate`
+    names the state the paper evaluates."""
     if ctx.is_main:
-        save(os.path.join(output_dir, "last.pt"), epoch, step, config, **states)
+        save(os.path.join(output_dir, "last.pt"), epoch, step, config, evaluate, **states)
         if save_every and epoch % save_every == 0:
-            save(os.path.join(output_dir, f"epoch_{epoch:04d}.pt"), epoch, step, config, **states)
+            save(os.path.join(output_dir, f"epoch_{epoch:04d}.pt"), epoch, step, config, evaluate, **states)
     torch.distributed.barrier()
 
 
-def export_backbone(ctx, output_dir, backbone):
-    """Write backbone.pt: the bare backbone state dict (torchvision / timm key names), atomically, on rank 0; for a
-    ViT, say which timm call it loads into (the head count matters: common/vit.py)."""
-    if ctx.is_main:
-        tmp = os.path.join(output_dir, "backbone.pt.tmp")
-        torch.save(backbone.state_dict(), tmp)
-        os.replace(tmp, os.path.join(output_dir, "backbone.pt"))
-        if hasattr(backbone, "timm_call"):
-            print0(f"{output_dir}/backbone.pt loads into {backbone.timm_call()}")
+def export_backbone(ctx, output_dir, backbone, teacher=None, evaluate="model"):
+    """Write backbone.pt (the online / student backbone) and, where there is one, teacher_backbone.pt (the EMA
+    teacher's): bare state dicts (torchvision / timm key names), atomically, on rank 0. Says which one the paper
+    evaluates (`evaluate`) and, for a ViT, which timm call they load into (the head count matters: common/vit.py)."""
+    if not ctx.is_main:
+        return
+    files = {"model": ("backbone.pt", backbone), "teacher": ("teacher_backbone.pt", teacher)}
+    for which, (name, module) in files.items():
+        if module is not None:
+            tmp = os.path.join(output_dir, name + ".tmp")
+            torch.save(module.state_dict(), tmp)
+            os.replace(tmp, os.path.join(output_dir, name))
+    name = files[evaluate][0]
+    print0(f"{output_dir}/{name} is the backbone the paper evaluates"
+           + (f"; it loads into {backbone.timm_call()}" if hasattr(backbone, "timm_call") else ""))

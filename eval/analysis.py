@@ -1,4 +1,6 @@
-"""Per-layer representation analysis of a ViT: SDSSL (Jang et al., arXiv:2111.12958) Sec. 4.4, Fig. 6-8.
+"""Per-layer representation analysis: SDSSL (Jang et al., arXiv:2111.12958) Sec. 4.4, Fig. 6-8 on a ViT's blocks;
+MSBReg Table 12 (alignment and uniformity of ResNet features) on a ResNet's stages, the last one being the pooled
+feature MSBReg reports. `--which auto` (the default) analyses the network the checkpoint's paper evaluates.
 
     python -m eval.analysis --checkpoint OUT/last.pt [--dataset imagenet --data_dir DIR] --output_dir OUT/analysis
     python -m eval.analysis --checkpoint SD/last.pt --compare BASE/last.pt --output_dir cmp   # two models, cross CKA
@@ -31,9 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common import augment, checkpoint, data, dist
+from common.checkpoint import WHICH
 from common.config import ConfigError, arg, parse, run
 from common.log import print0
-from eval.knn import extract, select_layers
+from eval.knn import extract, num_layers, select_layers
 from eval.layers import pyplot
 
 
@@ -161,7 +164,8 @@ def plot_cka(matrix, title, xlabel, ylabel, path):
 class Config:
     checkpoint: str = arg("", "last.pt of any training script with a ViT backbone (required)")
     compare: str = arg("", "a second checkpoint (e.g. the baseline): curves side by side, and a cross-model CKA")
-    which: str = arg("model", "weights to analyse: model (online/student) or teacher", choices=("model", "teacher"))
+    which: str = arg("auto", "weights to analyse: auto (what the checkpoint's paper evaluates), model "
+                     "(online/student) or teacher", choices=WHICH)
     dataset: str = arg("", "dataset; empty = the checkpoint's")
     data_dir: str = arg("", "dataset root; empty = the checkpoint's")
     download: bool = arg(False, "download a torchvision dataset if missing")
@@ -179,11 +183,14 @@ class Config:
     plot: bool = arg(True, "also write the PNGs (needs matplotlib)")
 
 
-def load_vit(path, which):
-    backbone, train_cfg = checkpoint.load_backbone(path, which)
-    if not hasattr(backbone, "forward_intermediates"):
-        raise ConfigError(f"{path}: the per-layer analysis needs a ViT backbone, not {train_cfg['arch']}")
-    return backbone.eval(), train_cfg
+def load_layered(path, which):
+    """A checkpoint's backbone with layers to analyse (ViT blocks or ResNet stages: eval.knn.num_layers)."""
+    backbone, train_cfg, which = checkpoint.load_backbone(path, which)
+    try:
+        num_layers(backbone)
+    except ConfigError:
+        raise ConfigError(f"{path}: the per-layer analysis needs a ViT or ResNet backbone, not {train_cfg['arch']}")
+    return backbone.eval(), train_cfg, which
 
 
 def write_outputs(output_dir, meta, results, cka, plot):
@@ -209,11 +216,11 @@ def main(argv=None):
     if min(cfg.chunk, cfg.batch_size) < 1 or cfg.num_images < 0:
         raise ConfigError("--chunk and --batch_size must be >= 1 and --num_images >= 0")
     paths = [cfg.checkpoint] + ([cfg.compare] if cfg.compare else [])
-    backbones, configs = zip(*[load_vit(p, cfg.which) for p in paths])  # before dist.setup: bad files fail fast
+    backbones, configs, which = zip(*[load_layered(p, cfg.which) for p in paths])  # before dist.setup: fail fast
     dataset, data_dir = cfg.dataset or configs[0]["dataset"], cfg.data_dir or configs[0]["data_dir"]
     size = cfg.image_size or configs[0].get("image_size") or data.DEFAULT_IMAGE_SIZE[dataset]
     for p, b in zip(paths, backbones):  # a ViT runs at its own size only (fixed position embedding)
-        if (size // b.patch_size) ** 2 + 1 != b.pos_embed.shape[1]:
+        if hasattr(b, "pos_embed") and (size // b.patch_size) ** 2 + 1 != b.pos_embed.shape[1]:
             raise ConfigError(f"{p} holds a ViT for another image size than {size}; leave out --image_size")
     labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]  # the run folders' names
     labels[1:] = [lab + " (compare)" if lab == labels[0] else lab for lab in labels[1:]]
@@ -227,8 +234,8 @@ def main(argv=None):
     # ===== report (rank 0) =====
     from eval.layers import report
     layers = list(range(1, len(out[0][0]) + 1))
-    for label, rows in results.items():
-        report(f"{label}: per-block Eq. 7-9 ({dataset} {cfg.split}, {len(sets[0])} images, {cfg.which})", layers, rows)
+    for (label, rows), w in zip(results.items(), which):
+        report(f"{label}: per-layer Eq. 7-9 ({dataset} {cfg.split}, {len(sets[0])} images, {w})", layers, rows)
     for name, (rows_of, cols_of, m) in cka.items():
         print0(f"{name}: linear CKA, rows {rows_of} blocks, columns {cols_of} blocks\n"
                + "\n".join(" ".join(f"{v:.2f}" for v in row) for row in m))

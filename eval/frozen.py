@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 
 from common import checkpoint, data, dist, models
+from common.checkpoint import WHICH
 from common.config import ConfigError, arg, parse, run
 from common.log import print0
 from eval import linear
-from eval.knn import eval_dataset, extract, knn_classify
+from eval.knn import eval_dataset, extract, knn_classify, named
 
 
 class Pixels(nn.Module):
@@ -42,11 +43,12 @@ def features_of(backbone, dataset, data_dir, image_size, ctx, download=False):
 
 def evaluate(backbone, dataset, data_dir, image_size, ctx, ks=(20, 200), temperature=0.07, linear_epochs=30,
              linear_lr=0.1, seed=0, download=False):
-    """{'knn_top1_k20': ..., 'knn_top1_k200': ..., 'linear_top1': ...} in %, the test set counted exactly."""
+    """{'knn_top1_k20': ..., 'knn_top5_k20': ..., 'knn_top1_k200': ..., 'linear_top1': ..., 'linear_top5': ...} in %,
+    the test set counted exactly."""
     train_f, train_y, test_f, test_y, num_classes = features_of(backbone, dataset, data_dir, image_size, ctx, download)
     unit = [torch.nn.functional.normalize(f, dim=1) for f in (train_f, test_f)]
     correct = knn_classify(unit[0], train_y, unit[1], test_y, ks, temperature, num_classes)
-    result = {f"knn_top1_k{k}": 100.0 * float(c) / len(test_y) for k, c in correct.items()}
+    result = named({k: (100.0 * c / len(test_y)).tolist() for k, c in correct.items()}, "knn_top{t}_k{k}")
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6  # standardise: a fixed affine map, the probe stays linear
     torch.manual_seed(seed)
     head = linear.Heads([nn.Linear(train_f.shape[1], num_classes)]).to(ctx.device)
@@ -55,15 +57,16 @@ def evaluate(backbone, dataset, data_dir, image_size, ctx, ks=(20, 200), tempera
     cfg = linear.Config(epochs=linear_epochs, lr=linear_lr, batch_size=256, seed=seed)
     with torch.enable_grad():
         linear.train_fast(head, [(train_f - mean) / std], train_y, cfg, ctx)
-        predicted = head[0]((test_f - mean) / std).argmax(1)
-    result["linear_top1"] = 100.0 * float((predicted == test_y).sum()) / len(test_y)
+        top1, top5 = linear.accuracy(head, [(test_f - mean) / std], test_y)[0]
+    result.update(linear_top1=100.0 * top1 / len(test_y), linear_top5=100.0 * top5 / len(test_y))
     return result
 
 
 @dataclass(frozen=True)
 class Config:
     checkpoint: str = arg("", "last.pt of a training script; empty = --arch at random init (or pixels)")
-    which: str = arg("model", "weights to evaluate: model (online/student) or teacher", choices=("model", "teacher"))
+    which: str = arg("auto", "weights to evaluate: auto (what the checkpoint's paper evaluates), model "
+                     "(online/student) or teacher", choices=WHICH)
     arch: str = arg("", "without --checkpoint: an architecture at random init, or pixels")
     patch_size: int = arg(16, "ViT patch size (random init)")
     num_heads: int = arg(0, "ViT heads; 0 = the arch's default (random init)")
@@ -84,8 +87,8 @@ def main(argv=None):
     cfg = parse(Config, argv, description=__doc__.splitlines()[0])
     ctx = dist.setup(cfg.device)
     if cfg.checkpoint:
-        backbone, trained = checkpoint.load_backbone(cfg.checkpoint, cfg.which)
-        what = f"{cfg.checkpoint} ({cfg.which})"
+        backbone, trained, which = checkpoint.load_backbone(cfg.checkpoint, cfg.which)
+        what = f"{cfg.checkpoint} ({which})"
     elif cfg.arch:
         trained = {"dataset": cfg.dataset, "data_dir": cfg.data_dir or "./data", "image_size": cfg.image_size}
         if not cfg.dataset:
