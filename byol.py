@@ -28,7 +28,8 @@ Known deviations
   SDSSL's byol_pytorch concatenates them.
 - CIFAR (solo-learn): warmup starts at lr 0 (solo-learn: 3e-5); the CIFAR stem pads by 1 (solo-learn: 2); a k-NN
   monitor instead of solo-learn's online linear classifier.
-- k-NN monitor (k = 20 and 200, T = 0.07) on the target backbone instead of the paper's linear evaluation.
+- k-NN monitor (k = 20 and 200, T = 0.07) on the target backbone instead of the paper's linear evaluation; the paper
+  evaluates the online encoder (Sec. 3.1), which last.pt names for the eval tools' `--which auto`.
 
 Run
     torchrun --standalone --nproc_per_node=8 byol.py --config configs/byol/imagenet_resnet50.yaml --data_dir DIR

@@ -28,6 +28,8 @@ Known deviations
   taken from rank 0 before each k-NN evaluation.
 - CIFAR (solo-learn): warmup starts at lr 0 (solo-learn: 3e-5); the CIFAR stem pads by 1 (solo-learn: 2); a k-NN
   monitor instead of solo-learn's online linear classifier.
+- What the paper evaluates: the base encoder (main_lincls.py loads `base_encoder`); last.pt says so (evaluate=model)
+  for the eval tools' `--which auto`, and both backbone.pt and teacher_backbone.pt are exported.
 - Gaussian blur kernel = 10% of the crop side (`common/augment.py`); the official code blurs with PIL (no kernel).
 
 Run

@@ -41,7 +41,8 @@ Known deviations and choices (! = left open by the paper, METHODS.md section 7)
 - ! LARS momentum 0.9, trust coefficient 1e-3, zero-initialised last BN of every residual block (BYOL's; not
   given). ImageNet-100 runs 320 epochs (Sec. 7.1; the Table 11 text says 300). STL-10 at 96 px uses the ImageNet
   stem (the paper does not say).
-- k-NN monitor (weighted, T = 0.07, k = 5 / 20 / 200) on the target backbone instead of the paper's linear probe.
+- k-NN monitor (weighted, T = 0.07, k = 5 / 20 / 200) on the target backbone instead of the paper's linear probe. The
+  paper evaluates the online encoder (BYOL's), which last.pt names for the eval tools' `--which auto`.
 Collapse check (Table 13: BYOL with LayerNorm heads collapses, L_b prevents it): compare `embed_std` in log.jsonl,
 the per-dimension std of the L2-normalised online projections (about 1/sqrt(proj_dim) when healthy, -> 0 collapsed):
     python msbreg.py --dataset cifar10 --num_views 2 --head_norm ln --lambda_s 0 --lambda_b 0 --epochs 20 \\

@@ -31,6 +31,8 @@ Known deviations and choices
 - ResNet variant: heads on stages 1-3 (the 4th is the final output), 2-layer projectors and predictors and
   zero-initialised residual BNs as MoCo v3's ResNet recipe (S001 gives no head sizes or init for it); the
   intermediate ResNet heads run in a loop (different widths).
+- What the paper evaluates: the EMA teacher of SD-MoCo v3 and SD-BYOL (the authors' k-NN monitor, multi_exit.py,
+  linear_moco.py, uni_ali.py), the student of SD-SimCLR; last.pt names it for the eval tools' `--which auto`.
 - bf16 autocast on CUDA by default (the authors trained in fp32: --amp none); the k-NN monitor uses the teacher
   backbone (the student's for SimCLR).
 

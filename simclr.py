@@ -35,7 +35,8 @@ Known deviations
   twice the mean over the 2N anchors of Eq. 1 that simclr_loss returns (--sum_directions, on by default; log.jsonl
   reports that sum). Under LARS it matters: the biases and BN parameters (not adapted) take twice the step, and
   weight decay weighs half as much in the trust ratio. SDSSL's ViT baseline averages (its config turns it off).
-- k-NN monitor (k = 20 and 200, T = 0.07) instead of the paper's online linear head.
+- k-NN monitor (k = 20 and 200, T = 0.07) instead of the paper's online linear head. The eval tools (`--which auto`)
+  evaluate the one network there is.
 - IFACLR: the prototype normalises with CIFAR's mean and std (ImageNet's here), warms up for 1000 steps (whole
   epochs here) and may scale SupCon by tau / base_tau (1 here, as the IFACD fork's). With BN heads, the last N
   layers' rows share the BN statistics (one pass of the head over all of them). The backbone's final LayerNorm is

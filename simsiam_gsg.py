@@ -23,7 +23,8 @@ Known deviations
 - The projector's last Linear has no bias (SimSiam keeps a frozen one: BN without affine removes it anyway). For
   CIFAR, lightly's projector has biases and an affine last BN; here it is SimSiam's form (common.models.mlp), and
   the ResNet-18 is torchvision's (Kaiming init) with the CIFAR stem, not lightly's ResNetGenerator (default init).
-- k-NN monitor (k = 20 and 200, T = --knn_temperature) on the online backbone instead of lightly's k = 200 only.
+- k-NN monitor (k = 20 and 200, T = --knn_temperature) on the online backbone instead of lightly's k = 200 only. GSG
+  evaluates the online encoder (k-NN and linear), which last.pt names for the eval tools' `--which auto`.
 - `batch_size` is global and the lr scales with it (base x B/256); lightly's SimSiam uses a fixed 0.06, which the
   CIFAR YAMLs reproduce at their batch of 512 (0.03 x 512/256).
 
