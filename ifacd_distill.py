@@ -32,8 +32,10 @@ Known deviations
 - RepDistiller's own recipe (plain SGD, wd on every parameter) is `--nesterov false --exclude_bias_norm false`.
 - lr is given at batch 64 and scaled linearly with batch_size (RepDistiller keeps 0.05 whatever the batch; the fork
   uses 0.2 x B/256); the two agree at the paper's batch 64.
-- Peak memory (log.jsonl peak_mem_gb on CUDA: max_memory_allocated during the epoch, as the slides report GPU memory;
-  peak_rss_gb on the CPU, which also holds the whole dataset and torch itself: compare methods, not with the slides).
+- Peak memory (log.jsonl, CUDA): peak_mem_reserved_gb = torch.cuda.max_memory_reserved over the whole run (kept across
+  resumes), as the fork records the slides' 'Memory Requirements'; peak_mem_gb = the epoch's max_memory_allocated; on
+  the CPU peak_rss_gb (it also holds the dataset and torch: compare methods, not with the slides). train_time_s: wall
+  seconds of training + testing over the whole run (kept across resumes), the slides' 'Training Time'.
 Checkpoint: `model` = student (keys `student.*`, RepDistiller's parameter names) + trainable distillation heads
 (`heads.*`: CRD/CC embeddings, IFACD rescalers and projectors, FitNet/VID regressors); `loss_state` = CRD's banks
 and Z (empty otherwise).
@@ -48,6 +50,7 @@ Run
 """
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -429,10 +432,13 @@ def main():
     start_epoch, step, saved = checkpoint.resume(cfg, model=model, optimizer=optimizer, scaler=scaler,
                                                  loss_state=memory)
     best = saved.get("best_top1", 0.0)
+    # the slides' 'Training Time' and 'Memory Requirements' cover the whole run: both carry over a resume
+    train_time, peak_reserved = saved.get("train_time_s", 0.0), saved.get("peak_mem_reserved_gb", 0.0)
 
     # ----- epoch loop: train, evaluate, log, checkpoint -----
     top1 = None
     for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
         step, row = train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, ctx, epoch, step,
                                     peak_lr)
@@ -440,10 +446,15 @@ def main():
             top1 = evaluate(model.student, test_loader, ctx)
             best = max(best, top1)
             row.update(test_top1=top1, best_test_top1=best)  # the reported number is the last epoch's test_top1
-        row.update(params=params, params_slides=params_slides)  # peak memory: in row, from the epoch's Progress
+        train_time += time.perf_counter() - start  # train + test, wall seconds
+        row.update(params=params, params_slides=params_slides, train_time_s=train_time)  # + the epoch's peak memory
+        if ctx.device.type == "cuda":  # the run's peak = the max over epochs (Progress resets CUDA's peak stats)
+            peak_reserved = max(peak_reserved, torch.cuda.max_memory_reserved(ctx.device) / 2**30)
+            row.update(peak_mem_reserved_gb=peak_reserved)
         log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
-                              model=model, optimizer=optimizer, scaler=scaler, loss_state=memory, best_top1=best)
+                              model=model, optimizer=optimizer, scaler=scaler, loss_state=memory, best_top1=best,
+                              train_time_s=train_time, peak_mem_reserved_gb=peak_reserved)
     if top1 is not None:
         print0(f"test top-1 of the last epoch: {top1:.2f}% (best epoch, not the reported number: {best:.2f}%)")
 

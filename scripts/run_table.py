@@ -11,7 +11,10 @@ torch unless a last.pt exists.
 
 The IFACD table trains every teacher the requested pairs need once (configs/ifacd_distill/vanilla_<teacher>.yaml,
 seed 0), then runs each (method, pair, seed) and writes OUT/results.csv (one line per run: last-epoch and best test
-top-1) and OUT/results.md (mean +- std over seeds of the last-epoch top-1, the slides' number beside it).
+top-1) and OUT/results.md: the mean +- std over seeds of the last-epoch top-1 with the slides' number beside it, then
+the slides' own tables from the runs' log.jsonl, in their layout: accuracy (and the ifacd1/2/3 ablation with its
+arrows), memory (peak_mem_reserved_gb), parameters (params_slides) and training time (train_time_s, in hours); runs
+made on the CPU say "cpu" in the memory and time tables.
 
     python scripts/run_table.py ifacd --seeds 0 1 2 --nproc 1                  # the whole table: every row, six pairs
     python scripts/run_table.py ifacd --methods kd crd ifacd1 ifacd2 ifacd3 --seeds 0 1 2      # some rows
@@ -45,6 +48,10 @@ SLIDES = {
     "ifacd1": [75.61, 74.25, 73.23, 71.53, 75.69, 71.26], "ifacd2": [75.76, 74.39, 73.23, 71.70, 75.78, 71.57],
     "ifacd3": [75.42, 73.89, 73.45, 71.70, 75.87, 71.42],
 }
+
+ACCURACY_ROWS = ["attention", "correlation", "crd", "hint", "kd", "nst", "pkt", "rkd", "similarity", "vid", "ifacd1",
+                 "ifacd2", "student", "teacher"]  # the slides' "Accuracy Results Ours", vanilla rows last
+LABELS = {"student": "Student vanilla", "teacher": "Teacher vanilla"}
 
 
 def parse_args(argv):
@@ -111,26 +118,32 @@ def plan(args, extra):
     return runs
 
 
-def last_and_best(run_dir):
-    """(last-epoch test top-1, best test top-1) from run_dir/log.jsonl, or None if it has no evaluated epoch."""
+def log_rows(run_dir):
+    """The rows of run_dir/log.jsonl (none if it does not exist)."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        rows = [r for r in map(json.loads, f) if "test_top1" in r]
+        return [json.loads(line) for line in f]
+
+
+def last_and_best(run_dir):
+    """(last-epoch test top-1, best test top-1) from run_dir/log.jsonl, or None if it has no evaluated epoch."""
+    rows = [r for r in log_rows(run_dir) if "test_top1" in r]
     return (rows[-1]["test_top1"], rows[-1]["best_test_top1"]) if rows else None
 
 
 def summarise(args, runs, write=True):
     """results.csv (every finished run) and results.md (methods x pairs: mean +- std of the last-epoch top-1, the
-    slides' number in brackets, and the average over the pairs). Returns the Markdown table's lines."""
-    results, rows = {}, []  # (method, pair) -> [last-epoch top-1 per seed]
+    slides' number in brackets, and the average over the pairs; then slides_tables). Returns the Markdown lines."""
+    results, logs, rows = {}, {}, []  # (method, pair) -> [last-epoch top-1 per seed], [last log row per seed]
     for method, columns, seed, out, cmd in runs:
         acc = last_and_best(out) if cmd is None else None
         if acc is not None:
             rows.append([method, " ".join(columns), seed, f"{acc[0]:.2f}", f"{acc[1]:.2f}", out])
             for pair in columns:
                 results.setdefault((method, pair), []).append(acc[0])
+                logs.setdefault((method, pair), []).append({**log_rows(out)[-1], "top1": acc[0]})
     lines = ["| method | " + " | ".join(args.pairs) + " | avg |", "|---" * (len(args.pairs) + 2) + "|"]
     for method in ["teacher", "student"] + [m for m in args.methods if m not in ("teacher", "student")]:
         cells, means = [], []
@@ -143,6 +156,7 @@ def summarise(args, runs, write=True):
         avg = f"{statistics.mean(means):.2f}" if len(means) == len(args.pairs) else "-"
         ref = f"{statistics.mean(slides):.2f}" if None not in slides else None
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} [slides {ref}] |")
+    lines += slides_tables(args, logs)
     if write:
         os.makedirs(args.out_root, exist_ok=True)
         with open(os.path.join(args.out_root, "results.csv"), "w", newline="") as f:
@@ -151,6 +165,69 @@ def summarise(args, runs, write=True):
             f.write("CIFAR-100 test top-1 (%) of the last epoch, mean ± std over seeds; [slides] = S000.\n\n"
                     + "\n".join(lines) + "\n")
     return lines
+
+
+def cell(rows, key, scale=1.0, gpu_only=False):
+    """Mean over seeds of key x scale in the runs' last log rows (None without a finished run). gpu_only (memory,
+    time): only the runs made on CUDA count (their logs have peak_mem_reserved_gb), "cpu" if there are none."""
+    gpu = [r for r in rows if "peak_mem_reserved_gb" in r]
+    if gpu_only and rows and not gpu:
+        return "cpu"
+    values = [r[key] * scale for r in (gpu if gpu_only else rows) if key in r]
+    return statistics.mean(values) if values else None
+
+
+def with_average(values):
+    """A row's cells plus its Average: the mean over the pairs when each has a number, else "cpu" or None."""
+    if all(isinstance(v, float) for v in values):
+        return values + [statistics.mean(values)]
+    return values + ["cpu" if all(v == "cpu" for v in values) else None]
+
+
+def fmt(value):
+    return f"{value:.2f}" if isinstance(value, float) else (value or "-")
+
+
+def mark(value, base):
+    """The ablation's arrows against ifacd1, at the precision shown (the slides mark nothing when equal)."""
+    if not (isinstance(value, float) and isinstance(base, float)) or round(value, 2) == round(base, 2):
+        return ""
+    return "↑" if value > base else "↓"
+
+
+def markdown(caption, pairs, rows):
+    """A caption and its table (nothing without rows): rows = [(label, cells)], a cell per pair, then the Average."""
+    head = "| Method | " + " | ".join(p.replace("-", " → ") for p in pairs) + " | Average |"
+    body = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return ["", caption, "", head, "|---" * (len(pairs) + 2) + "|"] + body if rows else []
+
+
+def slides_tables(args, logs):
+    """The slides' tables from logs ((method, pair) -> the runs' last log rows): the requested rows in the slides'
+    order (accuracy: ACCURACY_ROWS; memory, parameters, time: alphabetical), the pairs in the slides' order."""
+    pairs, asked = [p for p in PAIRS if p in args.pairs], ["teacher"] + list(args.methods)
+
+    def values(method, key, scale=1.0, gpu_only=False):
+        return with_average([cell(logs.get((method, p), []), key, scale, gpu_only) for p in pairs])
+
+    rows = [(LABELS.get(m, m), list(map(fmt, values(m, "top1")))) for m in ACCURACY_ROWS if m in asked]
+    lines = markdown("Top-1 (%) on CIFAR-100, last epoch, mean over seeds, as the slides' \"Accuracy Results Ours\" "
+                     "(Average = mean over the pairs).", pairs, rows)
+    base = values("ifacd1", "top1")
+    rows = [(m, [fmt(v) + mark(v, b) for v, b in zip(values(m, "top1"), base)])
+            for m in ("ifacd1", "ifacd2", "ifacd3") if m in asked]
+    lines += markdown("Intermediate features ablation: top-1 (%) with the teacher's last 1, 2 or 3 layers; ↑ / ↓ = "
+                      "above / below ifacd1.", pairs, rows)
+    costs = sorted(m for m in asked if m not in ("teacher", "student"))
+    rows = [(m, list(map(fmt, values(m, "peak_mem_reserved_gb", gpu_only=True)))) for m in costs]
+    lines += markdown("Memory (GB): torch.cuda.max_memory_reserved over the whole run, mean over seeds; cpu = run on "
+                      "the CPU (the slides' Average repeats their first column; ours is the mean).", pairs, rows)
+    rows = [(m, list(map(fmt, values(m, "params_slides", 1e-6)))) for m in costs]
+    lines += markdown("Parameters (M): teacher + student + distillation heads, CRD's and IFACD's heads counted twice, "
+                      "as the slides count them.", pairs, rows)
+    rows = [(m, list(map(fmt, values(m, "train_time_s", 1 / 3600, gpu_only=True)))) for m in costs]
+    return lines + markdown("Training time (hours; the slides do not state their unit): wall clock of training + "
+                            "testing over the whole run, mean over seeds; cpu = run on the CPU.", pairs, rows)
 
 
 def launch(cmd, dry_run):

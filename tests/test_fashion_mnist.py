@@ -88,7 +88,8 @@ def test_fashion_mnist_tables_end_to_end(tmp_path):
                    "| random init | vit_mini_p7_h4 |", "| raw pixels | - |", "Total wall time", "- simclr/seed0: "):
         assert needle in table, needle
     evals = [json.load(open(os.path.join(out, d, "seed0", "eval.json"))) for d in ("simclr", "sd_mocov3_vit")]
-    assert all(set(e) == {"knn_top1_k20", "knn_top1_k200", "linear_top1"} for e in evals)
+    assert all(set(e) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200", "linear_top1",
+                          "linear_top5"} for e in evals)
     assert all(0 <= v <= 100 for e in evals for v in e.values())
     assert len(open(os.path.join(out, "results.csv")).read().splitlines()) == 1 + 2
     assert set(json.load(open(os.path.join(out, "curves.json")))) == {"SimCLR", "SD-MoCo v3 (ViT)"}

@@ -2,7 +2,6 @@
 parameter table, 2-epoch runs (one on 2 ranks), bit-exact resume with CRD's banks, clear errors, the table runner."""
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -227,6 +226,8 @@ def test_ifacd_two_ranks_two_epochs(cifar_root, teacher_ckpt, tmp_path):
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) and r["distill"] > 0 for r in rows)
     assert all(0 <= r["test_top1"] <= r["best_test_top1"] <= 100 and r["peak_rss_gb"] > 0 for r in rows)
+    # the whole run's wall time, cumulative; no GPU memory figure on the CPU (the table says "cpu")
+    assert 0 < rows[0]["train_time_s"] < rows[1]["train_time_s"] and "peak_mem_reserved_gb" not in rows[1]
     # resnet8 + 3 rescalers (64 -> 64) + proj_s, proj_t (64 -> 128), BN1d everywhere; the slides add the
     # resnet14 teacher and count the heads twice.
     heads = 3 * (64 * 64 + 64 + 128) + 2 * (64 * 128 + 128 + 256)
@@ -243,7 +244,8 @@ def test_crd_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
            "--crd_negatives", "16"]
     launch("ifacd_distill.py", run_args(cifar_root, straight, *crd, "--save_every", "1"), nproc=0)
     os.makedirs(resumed)
-    shutil.copy(os.path.join(straight, "epoch_0001.pt"), os.path.join(resumed, "last.pt"))
+    blob = load_ckpt(straight, "epoch_0001.pt")
+    torch.save({**blob, "train_time_s": 1000.0}, os.path.join(resumed, "last.pt"))  # as if epoch 0 took 1000 s
     run = launch("ifacd_distill.py", run_args(cifar_root, resumed, *crd), nproc=0)
     assert "resumed from" in run.stdout and "at epoch 1" in run.stdout
     a, b, first = load_ckpt(straight), load_ckpt(resumed), load_ckpt(straight, "epoch_0001.pt")
@@ -254,6 +256,9 @@ def test_crd_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
     assert torch.equal(a["loss_state"]["z"], first["loss_state"]["z"])  # Z fixed at the first batch
     assert not torch.equal(a["loss_state"]["bank_t"], first["loss_state"]["bank_t"])  # banks move
     assert read_log(resumed)[0]["epoch"] == 1 and read_log(straight)[-1]["distill"] > 0
+    # train_time_s carries over a resume: the checkpoint's (1000 s) plus the resumed epoch's
+    assert first["train_time_s"] == read_log(straight)[0]["train_time_s"]
+    assert 1000 < read_log(resumed)[0]["train_time_s"] < 1000 + read_log(straight)[-1]["train_time_s"] + 60
 
 
 BANK_CHECK = """
