@@ -6,7 +6,7 @@ frozen features (eval/frozen.py: weighted 20-NN and 200-NN with the 60k training
 probe), next to two baselines evaluated the same way: the same architecture at random init, and raw pixels.
 `run_table.py fashion_mnist_distill`: a resnet56 teacher, then resnet20 students alone, with KD, CRD and IFACD
 (ifacd_distill.py, configs/ifacd_distill/fashion_mnist_*.yaml), reporting test top-1. Two tables because on two
-cores the teacher alone trains for about 22 minutes (two passes over the images: 88.5% test top-1).
+cores the teacher alone trains for about 40-50 minutes (4.5 passes over the images: 91.6% test top-1).
 
     python scripts/run_table.py fashion_mnist                 # one seed, every SSL row (under an hour on 2 cores)
     python scripts/run_table.py fashion_mnist --data_dir /usr/share/datasets/fashion-mnist   # Debian's idx files
@@ -15,8 +15,8 @@ cores the teacher alone trains for about 22 minutes (two passes over the images:
     python scripts/run_table.py fashion_mnist --dry_run -- --device cpu          # print the commands (flags for all)
 
 Writes OUT/results.md (the table, the machine, the per-run wall time), OUT/results.csv (one line per run) and, for
-the SSL table, OUT/curves.png (k-NN top-1 of the training-time monitor per epoch, every row; needs matplotlib,
-otherwise only OUT/curves.json). Finished runs and evaluations are skipped, so an interrupted table continues.
+the SSL table, OUT/curves.png (eval/plot.py: the loss and the training-time k-NN monitor's top-1 per epoch, every
+row; needs matplotlib, otherwise only OUT/curves.json). Finished runs and evaluations are skipped, so an interrupted table continues.
 """
 import argparse
 import importlib.metadata
@@ -112,7 +112,9 @@ def run_all(args, extra):
                 cmd = command(os.path.join(ROOT, "configs", config + ".yaml"), out, 0, data + extra, seed,
                               script=script)
                 timed(cmd, out, "train_s", args)
-            evaluate(out, ["--checkpoint", os.path.join(out, "last.pt")], args)
+            # the online/student network, also for SDSSL (whose paper evaluates the EMA teacher: --which auto): after
+            # a few hundred steps the teacher (momentum 0.996 -> 1) still lags far behind the network that learns
+            evaluate(out, ["--checkpoint", os.path.join(out, "last.pt"), "--which", "model"], args)
     for cfg in {backbone_key(cfg): cfg for cfg in (recipe(SSL_ROWS[k][2]) for k in ssl)}.values():
         for seed in args.seeds:  # the same architecture at random init, seeded as the row
             flags = ["--arch", cfg["arch"], "--patch_size", str(cfg.get("patch_size", 16)),
@@ -231,36 +233,28 @@ def wall_times(args):
 
 def curves(args):
     """The training-time k-NN monitor of every SSL row (seed of the first run) against images seen: curves.json,
-    and curves.png when matplotlib is there."""
-    data = {}
+    and curves.png (eval/plot.py: the loss and the k-NN panels) when matplotlib is there."""
+    data, runs = {}, {}
     for key in (k for k in SSL_ROWS if k in args.rows):
         run = os.path.join(args.out_root, key, f"seed{args.seeds[0]}")
         batch = recipe(SSL_ROWS[key][2])["batch_size"]
-        points = [(r["step"] * batch / 1000, r["knn_top1"]) for r in log_rows(run) if "knn_top1" in r]
+        rows = [dict(r, kimg=r["step"] * batch / 1000) for r in log_rows(run)]  # rows differ in steps per epoch
+        points = [(r["kimg"], r["knn_top1"]) for r in rows if "knn_top1" in r]
         if points:
-            data[SSL_ROWS[key][0]] = points
+            data[SSL_ROWS[key][0]], runs[SSL_ROWS[key][0]] = points, rows
     if not data:
         return
     with open(os.path.join(args.out_root, "curves.json"), "w") as f:
         json.dump(data, f, indent=1)
     sys.path.insert(0, ROOT)
     from common.config import ConfigError
-    from eval.layers import pyplot
+    from eval.plot import plot_curves
     try:
-        plt = pyplot()
+        plot_curves(runs, os.path.join(args.out_root, "curves.png"), x="kimg",
+                    xlabel="training images seen (thousands)", knn_label="20-NN top-1 (%), 10k-image bank",
+                    title="Fashion-MNIST, CPU recipes")
     except ConfigError as e:
         print(f"no curves.png: {e}")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in data.items():
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set(xlabel="training images seen (thousands)", ylabel="20-NN top-1 (%), 10k-image bank",
-           title="Fashion-MNIST, CPU recipes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out_root, "curves.png"), dpi=120)
-    plt.close(fig)
 
 
 def cpu_model():

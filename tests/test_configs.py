@@ -1,4 +1,5 @@
-"""Every shipped YAML config parses against its script's Config (no unknown keys, right types)."""
+"""Every shipped YAML config parses against its script's Config (no unknown keys, right types); the evaluation
+protocols in configs/eval/ against eval.knn's or eval.linear's (by their name's prefix)."""
 import glob
 import importlib
 import os
@@ -16,6 +17,9 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")))
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_config_parses(path):
     method = os.path.basename(os.path.dirname(path))
-    module = importlib.import_module(SCRIPTS[method])
+    if method == "eval":
+        module = importlib.import_module("eval." + os.path.basename(path).split("_")[0])  # knn_*.yaml, linear_*.yaml
+    else:
+        module = importlib.import_module(SCRIPTS[method])
     cfg = config.parse(module.Config, ["--config", path])
     assert cfg.config == path
