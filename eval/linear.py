@@ -8,8 +8,8 @@
 
 `full`: random-resized-crop (pad-and-crop for small images) + flip every step, the backbone in eval mode under
 no_grad, SGD with momentum (or LARS: SimSiam / GSG), cosine schedule, lr = base_lr x batch / 256 (MoCo v3: 0.1 for
-ResNets, 3 for ViTs; DINO: 0.001; SimSiam: LARS 0.02 at batch 4096). DINO's ViT features: --n_last_blocks 4 (ViT-S)
-or 1 with --avgpool_patchtokens true (ViT-B), bicubic resize for the test images. `--which auto` (the default)
+ResNets, 3 for ViTs; DINO: 0.001; SimSiam: LARS 0.1 at batch 4096, where its paper says 0.02). DINO's ViT features:
+--n_last_blocks 4 (ViT-S) or 1 with --avgpool_patchtokens true (ViT-B), bicubic resize for the test images. `--which auto` (the default)
 probes the network the checkpoint's paper evaluates. Prints top-1 and top-5.
 `fast`: features of the un-augmented images are computed once; the probe is trained on them (standardised per
 dimension, which is still a linear classifier). Minutes instead of hours; usually within a point or two of `full`
@@ -110,8 +110,10 @@ def linear_eval(backbone, dataset, data_dir, image_size, ctx, cfg, layers=None, 
     backbone.eval().requires_grad_(False)
     before = _snapshot(backbone)
     protocol = dict(n_last_blocks=cfg.n_last_blocks, avgpool_patchtokens=cfg.avgpool_patchtokens)
-    if (cfg.n_last_blocks > 1 or cfg.avgpool_patchtokens) and (layers or not hasattr(backbone, "depth")):
-        raise ConfigError("--n_last_blocks / --avgpool_patchtokens (DINO's protocol) need a ViT and --layer last")
+    if (cfg.n_last_blocks > 1 or cfg.avgpool_patchtokens) and (layers or not hasattr(backbone, "depth")
+                                                                or not 1 <= cfg.n_last_blocks <= backbone.depth):
+        raise ConfigError("--n_last_blocks / --avgpool_patchtokens (DINO's protocol) need a ViT with at least "
+                          "n_last_blocks blocks, and --layer last")
     val = eval_dataset(dataset, data_dir, "val", image_size, cfg.download, class_list, cfg.resize, cfg.interpolation)
     val_loader = data.eval_loader(val, cfg.batch_size // ctx.world_size, ctx, cfg.num_workers)
     if cfg.mode == "fast":
@@ -167,7 +169,7 @@ class Config:
     optimizer: str = arg("sgd", "sgd (momentum 0.9: MoCo v3, DINO) or lars (SimSiam, GSG)", choices=("sgd", "lars"))
     epochs: int = arg(100, "probe epochs (MoCo v3, SimSiam: 90, DINO: 100)")
     batch_size: int = arg(256, "global batch")
-    lr: float = arg(0.1, "base lr per 256 images (MoCo v3: 0.1 ResNet, 3.0 ViT; DINO 0.001; SimSiam LARS 0.02)")
+    lr: float = arg(0.1, "base lr per 256 images (MoCo v3: 0.1 ResNet, 3.0 ViT; DINO 0.001; SimSiam LARS 0.1)")
     weight_decay: float = arg(0.0, "weight decay of the probe")
     num_workers: int = arg(4, "data-loading workers per rank")
     seed: int = arg(0, "seed of the probe's init and shuffling")

@@ -16,7 +16,8 @@ cores the teacher alone trains for about 40-50 minutes (4.5 passes over the imag
 
 Writes OUT/results.md (the table, the machine, the per-run wall time), OUT/results.csv (one line per run) and, for
 the SSL table, OUT/curves.png (eval/plot.py: the loss and the training-time k-NN monitor's top-1 per epoch, every
-row; needs matplotlib, otherwise only OUT/curves.json). Finished runs and evaluations are skipped, so an interrupted table continues.
+row; needs matplotlib, otherwise only OUT/curves.json). Finished runs and evaluations are skipped, so an interrupted
+table continues.
 """
 import argparse
 import importlib.metadata

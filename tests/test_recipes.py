@@ -43,6 +43,7 @@ ZERO_INIT = {  # config -> the authors' choice
     "byol/cifar100_resnet18": False,
     "simsiam_gsg/imagenet_resnet50_simsiam": True,  # SimSiam / GSG main_*.py: zero_init_residual=True
     "simsiam_gsg/imagenet_resnet50_simsiam_gsg": True,
+    "simsiam_gsg/imagenet_resnet50_byol": True, "simsiam_gsg/imagenet_resnet50_byol_gsg": True,  # gsg/builder.py
     "simsiam_gsg/cifar10_resnet18_simsiam": False,  # lightly's ResNetGenerator: no zero init
     "simsiam_gsg/cifar10_resnet18_simsiam_gsg": False,
     "simsiam_gsg/cifar10_resnet18_byol": False,
@@ -95,7 +96,8 @@ def test_byol_resnet_heads(relpath, bias):
 # ----- ViT-S head count: SDSSL's (DeiT / DINO) ViT-S has 6 heads, MoCo v3's 12 (see the config headers) -----
 
 @pytest.mark.parametrize("relpath", sorted(os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]
-                                           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*vit_s*.yaml"))))
+                                           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*vit_s*.yaml"))
+                                           if "/eval/" not in p))
 def test_vit_small_head_count(relpath):
     _, cfg = load(relpath)
     from_sdssl = relpath.startswith("sdssl/") or relpath in ("byol/imagenet_vit_small", "simclr/imagenet_vit_small")
@@ -132,6 +134,8 @@ RECIPES = {
     "byol/cifar10_resnet18": byol_pair(blur=False), "byol/cifar100_resnet18": byol_pair(blur=False),
     "simsiam_gsg/imagenet_resnet50_simsiam": mocov2(0.2, True),
     "simsiam_gsg/imagenet_resnet50_simsiam_gsg": mocov2(0.2, True),
+    "simsiam_gsg/imagenet_resnet50_byol": mocov2(0.2, True),  # GSG's main_pretrain.py: one augmentation for all
+    "simsiam_gsg/imagenet_resnet50_byol_gsg": mocov2(0.2, True),
     **{f"simsiam_gsg/cifar10_resnet18_{m}": mocov2(0.08, False) for m in ("simsiam", "simsiam_gsg", "byol",
                                                                          "byol_gsg")},
     **{f"msbreg/{c}": MSBREG for c in ("stl10_resnet18_k4", "stl10_resnet18_ln", "imagenet100_resnet18_k2",
@@ -153,7 +157,8 @@ RECIPES = {
 
 def test_every_ssl_config_is_in_the_recipe_table():
     ssl = {os.path.relpath(p, os.path.join(ROOT, "configs"))[:-5]
-           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")) if "ifacd_distill" not in p}
+           for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))
+           if os.path.basename(os.path.dirname(p)) not in ("ifacd_distill", "eval")}
     assert ssl == set(RECIPES)
 
 
