@@ -36,7 +36,9 @@ def test_bf16_autocast_keeps_the_losses_finite_and_close(process_group):
     for name, loss in losses.items():
         ref, low = loss(*out[torch.float32]), loss(*out[torch.bfloat16])
         assert torch.isfinite(low), name
-        assert abs(low.item() - ref.item()) <= 0.02 * abs(ref.item()) + 1e-3, (name, low.item(), ref.item())
+        # 2% or bf16's resolution near 1 (2^-8): a loss near 0, as SimSiam's -cos here, cannot come closer (torch 2.4's
+        # CPU bf16 kernels land 0.0017 away on this batch, 2.14's within 0.001)
+        assert abs(low.item() - ref.item()) <= 0.02 * abs(ref.item()) + 2 ** -8, (name, low.item(), ref.item())
 
 
 def test_half_precision_normalisation_is_why_losses_run_in_float32(process_group):
