@@ -133,7 +133,7 @@ def export_backbone(ctx, output_dir, backbone, teacher=None, evaluate="model"):
     if not ctx.is_main:
         return
     files = {"model": ("backbone.pt", backbone), "teacher": ("teacher_backbone.pt", teacher)}
-    for which, (name, module) in files.items():
+    for name, module in files.values():
         if module is not None:
             tmp = os.path.join(output_dir, name + ".tmp")
             torch.save(module.state_dict(), tmp)

@@ -29,7 +29,7 @@ import sys
 
 import yaml
 
-from run_table import ROOT, command, is_complete, launch
+from run_table import ROOT, command, is_complete, launch, log_rows
 
 SSL_ROWS = {  # key: (the table's name for it, script, config under configs/)
     "simclr": ("SimCLR", "simclr.py", "simclr/fashion_mnist_cpu"),
@@ -144,11 +144,6 @@ def distill_rows(args):
 
 def read_json(path):
     return json.load(open(path)) if os.path.exists(path) else None
-
-
-def log_rows(run_dir):
-    path = os.path.join(run_dir, "log.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def mean_std(values, fmt="{:.2f}"):

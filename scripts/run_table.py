@@ -141,9 +141,10 @@ def summarise(args, runs, write=True):
         acc = last_and_best(out) if cmd is None else None
         if acc is not None:
             rows.append([method, " ".join(columns), seed, f"{acc[0]:.2f}", f"{acc[1]:.2f}", out])
+            last = {**log_rows(out)[-1], "top1": acc[0]}  # read once: a teacher or vanilla run fills several columns
             for pair in columns:
                 results.setdefault((method, pair), []).append(acc[0])
-                logs.setdefault((method, pair), []).append({**log_rows(out)[-1], "top1": acc[0]})
+                logs.setdefault((method, pair), []).append(last)
     lines = ["| method | " + " | ".join(args.pairs) + " | avg |", "|---" * (len(args.pairs) + 2) + "|"]
     for method in ["teacher", "student"] + [m for m in args.methods if m not in ("teacher", "student")]:
         cells, means = [], []
