@@ -1,4 +1,5 @@
-"""IFACD: Intermediate Features Augmented Contrastive Distillation (Rios et al., slides S000), with KD and CRD.
+"""IFACD: Intermediate Features Augmented Contrastive Distillation (Rios et al., slides S000), with KD, CRD and the
+rest of RepDistiller's CIFAR-100 benchmark.
 
 A frozen teacher (trained first by this script with `--distill none`) supervises a CIFAR-100 student through
     L = alpha * CE(student, y) + beta * KL(T = 4) + gamma * L_method                          (S000 "Methodology")
@@ -6,6 +7,7 @@ A frozen teacher (trained first by this script with `--distill none`) supervises
 - crd:   CRD (Tian et al. 2020, arXiv:1910.10699, Eq. 18): linear embeddings of the pooled student and teacher
          features, two momentum memory banks (one row per training image), 16384 other-class negatives per anchor,
          NCE with the fixed normaliser Z, both directions (student anchors vs the teacher bank and vice versa).
+         --crd_mode relax: the positive is a random image of the anchor's class instead of the image itself.
 - ifacd: the teacher's last n ReLU outputs of the last stage, pooled, each mapped by its own rescaler (Linear + BN)
          to the teacher's width, then a projector shared by the teacher layers (the student has its own) to 128-d;
          SupCon 'all' without labels over the (B, 1 + n, 128) views: the views of an image are positives of each
@@ -13,6 +15,13 @@ A frozen teacher (trained first by this script with `--distill none`) supervises
 - hint, attention, similarity, correlation, vid, rkd, pkt, nst: the slides' other baselines, RepDistiller's FitNet,
          AT, SP, CC, VID, RKD, PKT and NST (METHODS.md section 9): their losses and small modules are in
          distill_losses.py, with the choice of features each one reads (`build_head`, `baseline_loss`).
+- kdsvd, abound, factor, fsp: the rest of RepDistiller's methods, KDSVD, AB, FT and FSP (losses in distill_losses.py).
+         AB, FT and FSP are two-stage, as RepDistiller runs them: an init stage of --init_epochs (30) epochs first
+         (`init_stage`: AB trains the connectors and the student's feature modules on the activation-boundary loss of
+         the pre-ReLU stage outputs, FT the paraphraser to reconstruct the teacher's last stage, FSP the student's
+         feature modules on the FSP matrices), numbered epochs -init_epochs..-1 in log.jsonl and the checkpoint; then
+         the main loop, where FT adds its translator's factor loss and AB and FSP add nothing (RepDistiller's
+         `loss_kd = 0`: only CE and KL, as weighted).
 - none:  the model trains alone with CE: this is how teachers (and the "student vanilla" row) are made.
 
 Reproduces the S000 CIFAR-100 table (top-1 of the last epoch; six teacher -> student pairs; configs in
@@ -27,6 +36,9 @@ Known deviations
   global batch and fixes Z with the mean over ranks) but BN statistics are per GPU unless --sync_bn (CUDA only).
   The paper setting is one GPU with batch 64.
 - CRD negatives are drawn with torch's RNG (not numpy's) so that a resumed run is bit-exact.
+- The init stage (AB, FT, FSP) runs outside DDP: its gradients are averaged over ranks by hand and rank 0's BN
+  statistics copied to every rank after each epoch (RepDistiller: one GPU). FT's init stage does not run the
+  student, whose features RepDistiller computes there and discards (in eval mode: no effect).
 - The eight baselines follow RepDistiller's code where it differs from their papers (CC, AT's squared difference);
   distill_losses.py names the few places where it differs from that code (none changes a loss beyond rounding).
 - RepDistiller's own recipe (plain SGD, wd on every parameter) is `--nesterov false --exclude_bias_norm false`.
@@ -38,7 +50,7 @@ Known deviations
   seconds of training + testing over the whole run (kept across resumes), the slides' 'Training Time'.
 Checkpoint: `model` = student (keys `student.*`, RepDistiller's parameter names) + trainable distillation heads
 (`heads.*`: CRD/CC embeddings, IFACD rescalers and projectors, FitNet/VID regressors); `loss_state` = CRD's banks
-and Z (empty otherwise).
+and Z, AB's connectors or FT's paraphraser (empty otherwise); `init_optimizer` for AB, FT and FSP.
 
 Run
     python ifacd_distill.py --config configs/ifacd_distill/vanilla_wrn_40_2.yaml                 # teacher, 1 GPU
@@ -47,6 +59,7 @@ Run
     python ifacd_distill.py --dataset fake --distill none --student resnet8 --epochs 1 --max_steps_per_epoch 2 \
         --device cpu                                                                             # CPU smoke run
     python scripts/run_table.py ifacd --seeds 0 1 2                       # the whole table: every method, all pairs
+    python scripts/run_table.py repdistiller --seeds 0 1 2         # RepDistiller's README tables (its own recipe)
 """
 import math
 import os
@@ -68,7 +81,9 @@ MEAN_STD = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  #
             "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3), "mnist": ((0.1307,) * 3, (0.3081,) * 3)}
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "mnist": 10, "fake": 10}
-METHODS = ("none", "kd", "crd", "ifacd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst")
+METHODS = ("none", "kd", "crd", "ifacd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst",
+           "kdsvd", "abound", "factor", "fsp")
+TWO_STAGE = ("abound", "factor", "fsp")  # RepDistiller's init stage (helper/pretrain.py) runs before the main loop
 HEADS_COUNTED_TWICE = ("crd", "ifacd")  # in both module_list and criterion_list of RepDistiller/the fork (section 10)
 
 
@@ -96,6 +111,10 @@ class Config:
     ifacd_layers: int = arg(2, "IFACD: teacher layers taken from the end of the last stage (slides: ifacd1/2/3)")
     crd_negatives: int = arg(16384, "CRD: other-class negatives per anchor (RepDistiller nce_k: 16384)")
     crd_momentum: float = arg(0.5, "CRD: memory-bank momentum (RepDistiller nce_m: 0.5)")
+    crd_mode: str = arg("exact", "CRD's positive: exact = the image itself, relax = a random image of its class "
+                                 "(RepDistiller --mode)", choices=("exact", "relax"))
+    init_epochs: int = arg(30, "abound, factor, fsp: epochs of RepDistiller's init stage before the main loop "
+                               "(RepDistiller: 30)")
     hint_layer: int = arg(2, "FitNet: the stage (0 = stem) whose output is regressed (RepDistiller hint_layer: 2)")
     sync_bn: bool = arg(False, "SyncBN across GPUs (the paper trains on one GPU); ignored on the CPU")
     # optimisation
@@ -192,10 +211,10 @@ class CRDMemory(nn.Module):
             bank[idx] = F.normalize(bank[idx] * self.momentum + v * (1 - self.momentum), dim=1)
 
 
-def crd_loss(v_s, v_t, memory, idx, neg_idx, temperature):
-    """CRD: v_s, v_t (B, D) L2-normalised embeddings; idx (B,) the images' dataset indices; neg_idx (B, K). Student
-    anchors are scored against the teacher bank and teacher anchors against the student bank (Eq. 18, both ways)."""
-    sample = torch.cat([idx[:, None], neg_idx], dim=1)  # (B, 1+K): column 0 = the image itself ("exact" mode)
+def crd_loss(v_s, v_t, memory, sample, temperature):
+    """CRD: v_s, v_t (B, D) L2-normalised embeddings; sample (B, 1 + K) dataset indices, column 0 the positive (the
+    image itself, or an image of its class with --crd_mode relax), then the K negatives. Student anchors are scored
+    against the teacher bank and teacher anchors against the student bank (Eq. 18, both ways)."""
     e_s = torch.exp(torch.einsum("bkd,bd->bk", memory.bank_t[sample], v_s) / temperature)  # (B, 1+K)
     e_t = torch.exp(torch.einsum("bkd,bd->bk", memory.bank_s[sample], v_t) / temperature)
     z = memory.fix_normalisers(e_s, e_t)
@@ -234,9 +253,11 @@ class IFACDHead(nn.Module):
 def build_heads(cfg, student, teacher, size=32):
     """The trainable distillation modules of cfg.distill, sized by a probe forward of both models at the training
     image size; None if none."""
-    if cfg.distill in ("none", "kd"):
+    if cfg.distill in ("none", "kd", "abound", "fsp"):  # AB and FSP train nothing extra in the main loop
         return None
     s, t = feature_shapes(student, size), feature_shapes(teacher, size)
+    if cfg.distill == "factor":  # FT's translator of the student's last stage (the paraphraser is loss state)
+        return L.Translator(s.stages[-1], t.stages[-1])
     if cfg.distill in L.BASELINES:  # FitNet's regressor, CC's embeddings, VID's regressors; None for the others
         return L.build_head(cfg.distill, s, t, cfg.feat_dim, cfg.hint_layer)
     if cfg.distill == "crd":
@@ -246,6 +267,23 @@ def build_heads(cfg, student, teacher, size=32):
                           f"its last stage; choose 1..{len(t.last_stage)}")
     dims = [shape[1] for shape in t.last_stage[-cfg.ifacd_layers:]]
     return IFACDHead(s.pooled[1], t.pooled[1], dims, cfg.feat_dim)
+
+
+def build_loss_state(cfg, student, teacher, n_data, size=32):
+    """The method's modules outside DDP, checkpointed as `loss_state`: CRD's memory banks; AB's connectors and FT's
+    paraphraser, which only the init stage trains (FT's then encodes the teacher's maps, frozen, in the main loop).
+    An empty module for the other methods. Also refuses a pair FSP cannot compare."""
+    if cfg.distill == "crd":
+        return CRDMemory(n_data, cfg.feat_dim, cfg.crd_momentum)
+    if cfg.distill not in TWO_STAGE:
+        return nn.Module()
+    s, t = feature_shapes(student, size), feature_shapes(teacher, size)
+    if cfg.distill == "abound":  # student maps -> teacher channels, on the pre-activation stage outputs
+        return L.Connector(s.preact[1:], t.preact[1:])
+    if cfg.distill == "factor":
+        return L.Paraphraser(t.stages[-1])
+    L.check_fsp_shapes(s.stages, t.stages)  # fsp: no module of its own
+    return nn.Module()
 
 
 class Distiller(nn.Module):
@@ -261,25 +299,32 @@ class Distiller(nn.Module):
         return s, (self.heads(s, t) if self.heads is not None else None)
 
 
-def distill_term(cfg, s, t, z, memory, idx, neg_idx):
-    """L_method, the loss the slides weight by gamma, in float32: 0 for none and kd (KD's term is the beta * KL
-    term). s, t: the student's and the teacher's Features; z: the heads' output (None without heads)."""
+def distill_term(cfg, s, t, z, state, sample):
+    """L_method, the loss the slides weight by gamma, in float32: 0 for none, kd (KD's term is the beta * KL term),
+    abound and fsp (RepDistiller trains them in the init stage only). s, t: the student's and the teacher's
+    Features; z: the heads' output (None without heads); state: build_loss_state's module; sample: CRD's indices."""
     if cfg.distill == "crd":
-        return crd_loss(z[0].float(), z[1].float(), memory, idx, neg_idx, cfg.nce_temperature)
+        return crd_loss(z[0].float(), z[1].float(), state, sample, cfg.nce_temperature)
+    if cfg.distill == "factor":  # the frozen paraphraser's factor of the teacher's map (eval mode, no gradient)
+        with torch.no_grad():
+            factor_t = state.factor(t.stages[-1])
+        return L.factor_loss(z.float(), factor_t.float())
     if cfg.distill == "ifacd":
         return ifacd_loss(z.float(), cfg.nce_temperature)
     if cfg.distill in L.BASELINES:  # distill_losses.baseline_loss: RepDistiller's features for each of them
         return L.baseline_loss(cfg.distill, s, t, z)
-    return torch.zeros((), device=idx.device)
+    return torch.zeros((), device=s.logits.device)
 
 
 class DistillSet(Dataset):
-    """Training items (image, label, index, negatives). `negatives` is CRD's sample (RepDistiller
-    `CIFAR100InstanceSample`, mode 'exact'): K indices of other-class images, uniform without replacement (with
-    replacement if fewer than K exist); an empty tensor when K = 0. Uses torch's RNG, reseeded every epoch."""
+    """Training items (image, label, index, sample). `sample` is CRD's (RepDistiller `CIFAR100InstanceSample`):
+    1 + K dataset indices, the positive first, then K other-class images, uniform without replacement (with
+    replacement if fewer than K exist); an empty tensor when K = 0. The positive is the image itself (mode 'exact')
+    or, with relax=True, a uniformly drawn image of its class (mode 'relax'; possibly itself). Uses torch's RNG,
+    reseeded every epoch."""
 
-    def __init__(self, base, k):
-        self.base, self.k = base, k
+    def __init__(self, base, k, relax=False):
+        self.base, self.k, self.relax = base, k, relax
         self.order = torch.argsort(base.labels, stable=True)  # dataset indices grouped by class
         self.count = torch.bincount(base.labels)
         self.start = torch.cumsum(self.count, 0) - self.count  # class c occupies order[start[c]:start[c]+count[c]]
@@ -292,9 +337,10 @@ class DistillSet(Dataset):
         if not self.k:
             return x, y, i, torch.empty(0, dtype=torch.long)
         start, count = int(self.start[y]), int(self.count[y])
+        positive = self.order[start + torch.randint(count, (1,))] if self.relax else torch.tensor([i])
         m = len(self.order) - count  # number of other-class images
         j = torch.randperm(m)[:self.k] if self.k <= m else torch.randint(m, (self.k,))
-        return x, y, i, self.order[j + count * (j >= start)]  # positions past class y's block skip over it
+        return x, y, i, torch.cat([positive, self.order[j + count * (j >= start)]])  # past class y's block: skip it
 
 
 def load_teacher(cfg, num_classes, device, channels_last=False):
@@ -330,16 +376,64 @@ def load_teacher(cfg, num_classes, device, channels_last=False):
 
 # ================================================== training ==================================================
 
-def train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, ctx, epoch, step, peak_lr):
+def init_stage(cfg, model, state):
+    """What RepDistiller's init stage trains (`train_student.py`, `helper/pretrain.py`) and its learning rate at
+    batch 64: AB the connectors and the student's feature modules, FT the paraphraser, FSP the student's feature
+    modules (`feat_modules()`: all but the classifier). lr 0.01 for FT with a resnet/wrn student (RepDistiller's list,
+    ResNet50 not in it), else --lr; constant, no KD or CE."""
+    feat = model.student.feat_modules()
+    trained = {"abound": [state, feat], "factor": [state], "fsp": [feat]}[cfg.distill]
+    lr = 0.01 if cfg.distill == "factor" and cfg.student.startswith(("resnet", "wrn")) else cfg.lr
+    return nn.ModuleList(trained), lr
+
+
+def init_loss(cfg, s, t, state):
+    """The init stage's loss in float32. AB: the connectors' student maps vs the teacher's, pre-activation stage
+    outputs (feat[1:-1]); FT: MSE of the paraphraser's reconstruction of the teacher's last stage (feat[-2]); FSP:
+    the FSP matrices of every stage output (feat[:-1])."""
+    if cfg.distill == "abound":
+        return L.ab_loss([f.float() for f in state(s.preact[1:])], [f.float() for f in t.preact[1:]])
+    if cfg.distill == "factor":
+        return L.reconstruction_loss(state.reconstruct(t.stages[-1]).float(), t.stages[-1].float())
+    return L.fsp_loss([f.float() for f in s.stages], [f.float() for f in t.stages])
+
+
+def train_init_epoch(model, teacher, state, trained, loader, optimizer, scaler, cfg, ctx, epoch, lr):
+    """One epoch of the init stage (epochs -init_epochs..-1). As RepDistiller: the student in eval mode except the
+    modules trained (train mode), the teacher frozen. The student is called outside DDP, so the trained gradients are
+    averaged over ranks by hand, and rank 0's BN statistics are copied to every rank at the end of the epoch (FT's
+    paraphraser runs in eval mode afterwards, so every rank must hold the same ones)."""
+    model.eval()
+    trained.train()
+    params = list(trained.parameters())
+    meter, progress = log.Meter(), log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
+    for i, (x, *_) in enumerate(progress):
+        x = x.to(ctx.device, non_blocking=True)
+        with optim.autocast(cfg.amp, ctx.device):
+            with torch.no_grad():
+                t = teacher(x, features=True)
+            s = model.student(x, features=True) if cfg.distill != "factor" else None  # FT reads the teacher only
+        loss = init_loss(cfg, s, t, state)
+        optim.step(loss, optimizer, scaler, average=params)
+        meter.update(loss, i)
+        progress.log(i, i, meter, lr=lr)
+    meter.check("init-stage loss")
+    dist.broadcast_buffers(model)
+    dist.broadcast_buffers(state)
+    return {"loss": meter.global_avg(), "lr": lr, **progress.stats()}
+
+
+def train_one_epoch(model_ddp, teacher, state, loader, optimizer, scaler, cfg, ctx, epoch, step, peak_lr):
     model_ddp.train()  # the teacher is not part of model_ddp: it stays in eval mode
+    state.eval()  # FT's paraphraser is frozen in the main loop (RepDistiller: module_list[2].eval())
     meters = {k: log.Meter() for k in ("loss", "ce", "kl", "distill")}
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     lr = schedules.step_decay(epoch, cfg.lr_milestones, peak_lr, cfg.lr_decay)  # x0.1 after epochs 150, 180, 210
     optim.set_lr_wd(optimizer, lr)
     zero = torch.zeros((), device=ctx.device)  # the KL term without a teacher
-    for i, (x, y, idx, neg_idx) in enumerate(progress):
+    for i, (x, y, idx, sample) in enumerate(progress):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        idx, neg_idx = idx.to(ctx.device, non_blocking=True), neg_idx.to(ctx.device, non_blocking=True)
+        idx, sample = idx.to(ctx.device, non_blocking=True), sample.to(ctx.device, non_blocking=True)
         with optim.autocast(cfg.amp, ctx.device):
             with torch.no_grad():  # frozen teacher: its features carry no graph
                 t = teacher(x, features=True) if teacher is not None else None
@@ -347,11 +441,11 @@ def train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, 
         # losses in float32 (bf16/fp16 softmax, exp and normalisation are not safe)
         ce = F.cross_entropy(s.logits.float(), y)
         kl = kd_loss(s.logits.float(), t.logits.float(), cfg.kd_temperature) if t is not None else zero
-        term = distill_term(cfg, s, t, z, memory, idx, neg_idx)
+        term = distill_term(cfg, s, t, z, state, sample)
         loss = cfg.alpha * ce + cfg.beta * kl + cfg.gamma * term  # S000: alpha CE + beta KL + gamma L_method
         optim.step(loss, optimizer, scaler)
         if cfg.distill == "crd":  # CRD updates the banks after scoring, with every rank's samples
-            memory.update(dist.gather(z[0].detach().float()), dist.gather(z[1].detach().float()), dist.gather(idx))
+            state.update(dist.gather(z[0].detach().float()), dist.gather(z[1].detach().float()), dist.gather(idx))
         for name, value in (("loss", loss), ("ce", ce), ("kl", kl), ("distill", term)):
             meters[name].update(value, step)
         progress.log(i, step, meters["loss"], lr=lr)
@@ -372,17 +466,19 @@ def evaluate(model, loader, ctx):
     return 100.0 * correct / total
 
 
-def param_counts(model, teacher, method):
+def param_counts(model, teacher, state, method):
     """(trainable: student + heads once, slides: teacher + student + heads as S000 counts them). S000's 'Number of
     Parameters' counts every module of RepDistiller's `module_list` plus `criterion_list`, so the heads registered
     in both (CRD's embeddings, IFACD's heads) count twice, the others (FitNet's regressor and CC's embeddings in
-    module_list, VID's in criterion_list) once (METHODS.md section 10); printed beside ours for comparison."""
+    module_list, VID's in criterion_list; AB's connectors and FT's translator and paraphraser in module_list) once
+    (METHODS.md section 10); printed beside ours for comparison. `state`'s parameters (AB's connectors, FT's
+    paraphraser) are trained in the init stage only; CRD's banks are buffers."""
     def count(module):
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     heads = count(model.heads)
     twice = 2 if method in HEADS_COUNTED_TWICE else 1
-    return count(model.student) + heads, count(teacher) + count(model.student) + twice * heads
+    return count(model.student) + heads, count(teacher) + count(model.student) + twice * heads + count(state)
 
 
 def main():
@@ -400,22 +496,21 @@ def main():
     size = data.DEFAULT_IMAGE_SIZE[cfg.dataset]
     train_base = data.build_dataset(cfg.dataset, cfg.data_dir, "train",
                                     augment.linear_train_transform(size, mean, std), cfg.download)
-    train_set = DistillSet(train_base, cfg.crd_negatives if cfg.distill == "crd" else 0)
+    train_set = DistillSet(train_base, cfg.crd_negatives if cfg.distill == "crd" else 0, cfg.crd_mode == "relax")
     test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(size, mean, std))
     loader = data.train_loader(train_set, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     test_loader = data.eval_loader(test_set, 256, ctx, cfg.num_workers)
     steps_per_epoch = data.steps_per_epoch(loader, cfg.max_steps_per_epoch)
 
-    # ----- models: frozen teacher, student + distillation heads (one DDP module), CRD memory -----
+    # ----- models: frozen teacher, student + distillation heads (one DDP module), the method's state outside DDP -----
     num_classes = NUM_CLASSES[cfg.dataset]
     channels_last = models.use_channels_last(cfg.student, ctx.device)  # NHWC convolutions (also on the CPU)
     teacher = load_teacher(cfg, num_classes, ctx.device, channels_last) if cfg.distill != "none" else None
     student = build_cifar_model(cfg.student, num_classes)
     model, model_ddp, note = dist.prepare(Distiller(student, build_heads(cfg, student, teacher, size)), ctx,
                                           cfg.sync_bn, cfg.compile, channels_last)
-    crd = cfg.distill == "crd"
-    memory = (CRDMemory(len(train_set), cfg.feat_dim, cfg.crd_momentum) if crd else nn.Module()).to(ctx.device)
-    params, params_slides = param_counts(model, teacher, cfg.distill)
+    state = build_loss_state(cfg, student, teacher, len(train_set), size).to(ctx.device)
+    params, params_slides = param_counts(model, teacher, state, cfg.distill)
     what = f"{cfg.distill}: {cfg.teacher} -> {cfg.student}" if teacher else f"{cfg.student} trained alone"
     print0(f"{note}; {what}; parameters: "
            f"{params / 1e6:.3f}M trainable (student + heads, counted once), {params_slides / 1e6:.2f}M as the slides "
@@ -427,22 +522,36 @@ def main():
     groups = optim.param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
     optimizer = optim.build_optimizer("sgd", groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
+    # AB, FT, FSP: RepDistiller's init stage, numbered epochs -init_epochs..-1 (one loop, checkpoint and resume for
+    # both stages), with its own optimizer: plain SGD at a constant lr
+    first_epoch, init = 0, {}
+    if cfg.distill in TWO_STAGE:
+        first_epoch, (trained, init_lr) = -cfg.init_epochs, init_stage(cfg, model, state)
+        init_lr *= cfg.batch_size / 64
+        init = dict(init_optimizer=optim.build_optimizer(
+            "sgd", optim.param_groups(trained, cfg.weight_decay, cfg.exclude_bias_norm), lr=init_lr,
+            momentum=cfg.momentum, nesterov=cfg.nesterov))
 
     # ----- resume -----
     start_epoch, step, saved = checkpoint.resume(cfg, model=model, optimizer=optimizer, scaler=scaler,
-                                                 loss_state=memory)
+                                                 loss_state=state, **init)
+    start_epoch = start_epoch if saved else first_epoch
     best = saved.get("best_top1", 0.0)
     # the slides' 'Training Time' and 'Memory Requirements' cover the whole run: both carry over a resume
     train_time, peak_reserved = saved.get("train_time_s", 0.0), saved.get("peak_mem_reserved_gb", 0.0)
 
-    # ----- epoch loop: train, evaluate, log, checkpoint -----
+    # ----- epoch loop: (init stage,) train, evaluate, log, checkpoint -----
     top1 = None
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)
-        step, row = train_one_epoch(model_ddp, teacher, memory, loader, optimizer, scaler, cfg, ctx, epoch, step,
-                                    peak_lr)
-        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if epoch < 0:  # the init stage
+            row = train_init_epoch(model, teacher, state, trained, loader, init["init_optimizer"], scaler, cfg, ctx,
+                                   epoch, init_lr)
+        else:
+            step, row = train_one_epoch(model_ddp, teacher, state, loader, optimizer, scaler, cfg, ctx, epoch, step,
+                                        peak_lr)
+        if epoch >= 0 and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             top1 = evaluate(model.student, test_loader, ctx)
             best = max(best, top1)
             row.update(test_top1=top1, best_test_top1=best)  # the reported number is the last epoch's test_top1
@@ -453,8 +562,8 @@ def main():
             row.update(peak_mem_reserved_gb=peak_reserved)
         log.end_epoch(cfg.output_dir, epoch, step, row)
         checkpoint.save_epoch(ctx, cfg.output_dir, epoch + 1, step, config.to_dict(cfg), cfg.save_every,
-                              model=model, optimizer=optimizer, scaler=scaler, loss_state=memory, best_top1=best,
-                              train_time_s=train_time, peak_mem_reserved_gb=peak_reserved)
+                              model=model, optimizer=optimizer, scaler=scaler, loss_state=state, **init,
+                              best_top1=best, train_time_s=train_time, peak_mem_reserved_gb=peak_reserved)
     if top1 is not None:
         print0(f"test top-1 of the last epoch: {top1:.2f}% (best epoch, not the reported number: {best:.2f}%)")
 

@@ -121,6 +121,15 @@ def all_reduce_sum(x):
     return x
 
 
+def average_gradients(params):
+    """Average the gradients of `params` over ranks in place: what DDP does, for modules trained outside it."""
+    if world_size() > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world_size()
+
+
 def maybe_sync_bn(model, enabled, ctx):
     """SyncBN only on CUDA: under gloo on the CPU DDP refuses SyncBatchNorm layers. Returns (model, message)."""
     if not enabled:

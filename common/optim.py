@@ -5,6 +5,7 @@
 """
 import torch
 
+from common import dist
 from common.config import ConfigError
 
 
@@ -88,10 +89,13 @@ def grad_scaler(amp, device):
     return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
 
 
-def step(loss, optimizer, scaler, clip_grad_norm=0.0, params=None):
-    """backward + (optional global-norm clipping) + optimizer step, through the GradScaler when it is enabled."""
+def step(loss, optimizer, scaler, clip_grad_norm=0.0, params=None, average=None):
+    """backward + (optional global-norm clipping) + optimizer step, through the GradScaler when it is enabled.
+    `average`: parameters trained outside DDP, whose gradients are averaged over the ranks here (as DDP would)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if average is not None:
+        dist.average_gradients(average)
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)

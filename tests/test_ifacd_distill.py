@@ -111,7 +111,8 @@ def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
     v_s = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
     v_t = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
     idx, neg = torch.tensor([0, 4, 7]), torch.randint(0, N, (B, K))
-    ours = M.crd_loss(v_s, v_t, memory, idx, neg, tau)
+    sample = torch.cat([idx[:, None], neg], dim=1)  # the positive (the image itself), then the negatives
+    ours = M.crd_loss(v_s, v_t, memory, sample, tau)
     naive, z = naive_crd(v_s, v_t, bank_s, bank_t, idx.tolist(), neg, tau)
     assert torch.allclose(ours, naive, rtol=1e-5)
     assert torch.allclose(memory.z, torch.stack(z))
@@ -126,7 +127,7 @@ def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
     assert torch.equal(memory.bank_s[rest], bank_s[rest])
     # Z stays fixed after the first batch.
     z_first = memory.z.clone()
-    second = M.crd_loss(v_s, v_t, memory, idx, neg, tau)
+    second = M.crd_loss(v_s, v_t, memory, sample, tau)
     assert torch.equal(memory.z, z_first)
     naive2, _ = naive_crd(v_s, v_t, memory.bank_s, memory.bank_t, idx.tolist(), neg, tau, z=tuple(z_first))
     assert torch.allclose(second, naive2, rtol=1e-5)
@@ -139,10 +140,25 @@ def test_crd_sampler_draws_other_class_negatives():
     for k, distinct in ((6, True), (9, False)):  # class 0 has 7 other-class images: 9 > 7 draws with replacement
         ds = M.DistillSet(base, k)
         for i in range(10):
-            _, y, index, neg = ds[i]
-            assert index == i and neg.shape == (k,) and (labels[neg] != y).all()
+            _, y, index, sample = ds[i]
+            pos, neg = sample[0], sample[1:]
+            assert index == i == pos and neg.shape == (k,) and (labels[neg] != y).all()  # exact: the positive is i
             assert (len(set(neg.tolist())) == k) == distinct or y == 3
     assert M.DistillSet(base, 0)[3][3].numel() == 0
+
+
+def test_crd_relax_mode_draws_the_positive_from_the_class():
+    """RepDistiller's --mode relax: the positive is a uniformly drawn image of the anchor's class (itself included),
+    the negatives are drawn as in exact mode."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
+    ds = M.DistillSet(base, 4, relax=True)
+    torch.manual_seed(0)
+    positives = torch.stack([ds[0][3][0] for _ in range(600)])  # class 0 = images 0, 3, 6
+    assert set(positives.tolist()) == {0, 3, 6}
+    assert (torch.bincount(positives, minlength=7)[[0, 3, 6]] > 150).all()  # ~200 each
+    assert all(ds[9][3][0] == 9 for _ in range(5))  # a class of one: its only image
+    assert all((labels[ds[i][3][1:]] != labels[i]).all() for i in range(10))
 
 
 # ------------------------------------- heads and the slides' parameter table -------------------------------------
@@ -157,7 +173,8 @@ def test_parameter_counts_reproduce_the_slides_table():
         for row in SLIDES_PARAMS:
             method, layers = ("ifacd", row[-1]) if row.startswith("ifacd") else (row, "2")
             cfg = cfg_of("--distill", method, "--ifacd_layers", layers, "--teacher", t_name, "--student", s_name)
-            ours, slides = M.param_counts(M.Distiller(student, M.build_heads(cfg, student, teacher)), teacher, method)
+            ours, slides = M.param_counts(M.Distiller(student, M.build_heads(cfg, student, teacher)), teacher,
+                                          torch.nn.Module(), method)
             assert round(slides / 1e6, 2) == SLIDES_PARAMS[row][col], (row, pair, slides)
             if pair == PAIRS[0] and row in ("ifacd1", "crd"):
                 once = (ours + sum(p.numel() for p in teacher.parameters())) / 1e6
@@ -261,6 +278,89 @@ def test_crd_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
     assert 1000 < read_log(resumed)[0]["train_time_s"] < 1000 + read_log(straight)[-1]["train_time_s"] + 60
 
 
+# ------------------------------------ RepDistiller's init stage (AB, FT, FSP) ------------------------------------
+
+def test_init_stage_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
+    """AB, 2 init epochs + 1 main epoch, straight vs relaunched from the checkpoint after init epoch -2: identical
+    student, connectors and both optimizers. The init stage trains the connectors and the student's feature modules
+    but not its classifier; it is logged as epochs -2, -1 and never evaluated."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    ab = ["--distill", "abound", "--teacher", "resnet14", "--teacher_ckpt", teacher_ckpt, "--student", "resnet8x4",
+          "--init_epochs", "2", "--epochs", "1"]  # resnet8x4 has twice resnet14's widths: 1x1 conv + BN connectors
+    launch("ifacd_distill.py", run_args(cifar_root, straight, *ab, "--save_every", "1"), nproc=0)
+    rows = read_log(straight)
+    assert [r["epoch"] for r in rows] == [-2, -1, 0] and ["test_top1" in r for r in rows] == [False, False, True]
+    assert rows[0]["loss"] > 0 and rows[2]["distill"] == 0  # AB adds nothing to the main loop
+    first, after_init = load_ckpt(straight, "epoch_-001.pt"), load_ckpt(straight, "epoch_0000.pt")
+    assert first["epoch"] == -1 and after_init["epoch"] == 0 and first["step"] == after_init["step"] == 0
+    for key, moved in (("student.conv1.weight", True), ("student.layer3.0.conv2.weight", True),
+                       ("student.fc.weight", False)):
+        assert torch.equal(first["model"][key], after_init["model"][key]) != moved, key
+    assert not torch.equal(first["loss_state"]["connectors.2.conv.weight"],
+                           after_init["loss_state"]["connectors.2.conv.weight"])
+    os.makedirs(resumed)
+    torch.save(first, os.path.join(resumed, "last.pt"))
+    run = launch("ifacd_distill.py", run_args(cifar_root, resumed, *ab), nproc=0)
+    assert "resumed from" in run.stdout and "at epoch -1" in run.stdout
+    a, b = load_ckpt(straight), load_ckpt(resumed)
+    for key in ("model", "optimizer", "loss_state", "init_optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+    assert [r["epoch"] for r in read_log(resumed)] == [-1, 0]
+
+
+SMOKE = """
+import sys
+import torch
+from common import dist
+import ifacd_distill as M
+dist.cleanup = lambda: None  # one process group for every run of this process
+seen = {}
+init_epoch = M.train_init_epoch
+def spy(model, teacher, state, *args):  # keep the init stage's modules to compare the ranks afterwards
+    seen.update(model=model, state=state)
+    return init_epoch(model, teacher, state, *args)
+M.train_init_epoch = spy
+for name, argv in RUNS:
+    seen.clear()
+    sys.argv = ["ifacd_distill.py", *COMMON, "--output_dir", OUT + "/" + name, *argv]
+    M.main()
+    if seen:  # trained outside DDP in the init stage: the same weights on both ranks, and the same loss state
+        flat = torch.cat([t.detach().flatten().float() for t in [*seen["model"].parameters(),
+                          *seen["state"].state_dict().values()]])
+        both = dist.gather(flat[None])
+        assert torch.equal(both[0], both[1]), name + ": the ranks differ after the init stage"
+    if dist.rank() == 0:
+        print("done", name, flush=True)
+"""
+
+
+def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, tmp_path):
+    """Every method added for RepDistiller's benchmark on a cross-family pair (the resnet14 teacher -> MobileNetV2,
+    ShuffleV1 or wrn_16_1), 2 ranks, 1 init epoch (AB, FT, FSP) + 1 main epoch: all in one torchrun, the group kept
+    between runs. FSP and KDSVD need equal channel counts per stage (RepDistiller refuses or crashes on other
+    pairs): wrn_16_1's are resnet14's."""
+    runs = {"abound": ["--distill", "abound", "--student", "ShuffleV1"],
+            "factor": ["--distill", "factor", "--student", "MobileNetV2"],
+            "fsp": ["--distill", "fsp", "--student", "wrn_16_1"],
+            "kdsvd": ["--distill", "kdsvd", "--student", "wrn_16_1"],
+            "crd_relax": ["--distill", "crd", "--crd_mode", "relax", "--crd_negatives", "16", "--student", "wrn_16_1"]}
+    common = run_args(cifar_root, "unused", "--teacher", "resnet14", "--teacher_ckpt", teacher_ckpt, "--epochs", "1",
+                      "--init_epochs", "1")
+    common = common[:common.index("--output_dir")] + common[common.index("--output_dir") + 2:]
+    script = tmp_path / "smoke.py"
+    script.write_text(f"RUNS = {list(runs.items())!r}\nCOMMON = {common!r}\nOUT = {str(tmp_path)!r}\n" + SMOKE)
+    out = launch(str(script), [], nproc=2)
+    assert out.stdout.count("done") == len(runs), out.stdout[-3000:]
+    for name in runs:
+        rows = read_log(str(tmp_path / name))
+        two_stage = name in ("abound", "factor", "fsp")
+        assert [r["epoch"] for r in rows] == ([-1, 0] if two_stage else [0]), name
+        assert all(math.isfinite(r["loss"]) for r in rows) and 0 <= rows[-1]["test_top1"] <= 100, name
+        assert (rows[-1]["distill"] > 0) == (name in ("factor", "kdsvd", "crd_relax")), (name, rows[-1])
+        blob = load_ckpt(str(tmp_path / name))
+        assert blob["epoch"] == 1 and ("init_optimizer" in blob) == two_stage, name
+
+
 BANK_CHECK = """
 import torch, torch.nn.functional as F
 from common import dist
@@ -271,7 +371,7 @@ memory = M.CRDMemory(20, 4, 0.5)
 torch.manual_seed(1 + ctx.rank)  # each rank its own batch
 v_s, v_t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
 idx, neg = torch.arange(3) + 3 * ctx.rank, torch.randint(0, 20, (3, 5))
-M.crd_loss(v_s, v_t, memory, idx, neg, 0.07)
+M.crd_loss(v_s, v_t, memory, torch.cat([idx[:, None], neg], dim=1), 0.07)
 memory.update(dist.gather(v_s), dist.gather(v_t), dist.gather(idx))
 state = dist.gather(torch.cat([memory.bank_s.flatten(), memory.bank_t.flatten(), memory.z])[None])
 assert torch.equal(state[0], state[1]), "the ranks' CRD banks or Z differ"
