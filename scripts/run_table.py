@@ -2,6 +2,7 @@
 
     ifacd                   the IFACD slides' CIFAR-100 distillation table (S000), with ifacd_distill.py (this file;
                             also what runs when TABLE is left out)
+    repdistiller            RepDistiller's CIFAR-100 benchmark (its README's two tables), with ifacd_distill.py
     fashion_mnist           every SSL method on Fashion-MNIST on a CPU, with its baselines (scripts/fashion_mnist.py)
     fashion_mnist_distill   its distillation rows: resnet56 teacher, resnet20 alone / KD / CRD / IFACD
 
@@ -22,6 +23,24 @@ made on the CPU say "cpu" in the memory and time tables.
     python scripts/run_table.py ifacd --methods kd --seeds 0 -- --data_dir /data --num_workers 4  # flags for every run
 Methods: `teacher` and `student` (the vanilla rows), or any configs/ifacd_distill/<teacher>-<student>_<method>.yaml
 (the table's: kd, hint, attention, similarity, correlation, vid, rkd, pkt, nst, crd, ifacd1, ifacd2, ifacd3).
+
+The RepDistiller table (github.com/HobbitLong/RepDistiller, README "Benchmark Results on CIFAR-100") works the same
+way with configs/ifacd_distill/repdistiller/ (its recipe: plain SGD, weight decay on every parameter, each method's
+-r/-a/-b of scripts/run_cifar_distill.sh as alpha/beta/gamma) and out/repdistiller: 13 pairs, 7 of the same
+architectural type and 6 of different ones; rows kd (KD), hint (FitNet), attention (AT), similarity (SP), correlation
+(CC), vid (VID), rkd (RKD), pkt (PKT), abound (AB), factor (FT), fsp (FSP, same-type pairs only, as the README), nst
+(NST), crd (CRD). OUT/results.md holds the README's two tables in its layout: the pairs as columns in its order, a
+"Teacher / Student" row (the teacher, trained once / the student trained alone), then the methods in its order; each
+cell is the mean +- std over seeds of the last-epoch top-1 (the README's number is the last epoch's too, its issue
+#16) with the README's number beside it. A cell the README leaves empty (FSP on different types) is not run, nor
+FSP wrn_40_2-wrn_40_1, whose 0.00 is no result (RepDistiller's FSP refuses that pair, as ifacd_distill.py does).
+
+    python scripts/run_table.py repdistiller --seeds 0 1 2                   # both tables: 13 pairs, every row
+    python scripts/run_table.py repdistiller --methods kd crd --pairs resnet32x4-resnet8x4 resnet32x4-ShuffleV1
+    python scripts/run_table.py repdistiller --methods student crd --pairs vgg13-vgg8 --dry_run     # the commands
+The table trains its own teachers. RepDistiller publishes its teachers (its scripts/fetch_pretrained_teachers.sh);
+a single run takes one as it is ({'model': state_dict}): `python ifacd_distill.py --config configs/ifacd_distill/
+repdistiller/resnet32x4-resnet8x4_crd.yaml --teacher_ckpt save/models/resnet32x4_vanilla/ckpt_epoch_240.pth`.
 """
 import argparse
 import csv
@@ -53,18 +72,66 @@ ACCURACY_ROWS = ["attention", "correlation", "crd", "hint", "kd", "nst", "pkt", 
                  "ifacd2", "student", "teacher"]  # the slides' "Accuracy Results Ours", vanilla rows last
 LABELS = {"student": "Student vanilla", "teacher": "Teacher vanilla"}
 
+# RepDistiller's README, "Benchmark Results on CIFAR-100": table 1 (teacher and student of the same architectural type)
+# then table 2 (different types), the pairs in its column order; our model names (its mobile_half = MobileNetV2).
+RD_SAME = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20", "resnet110-resnet32",
+           "resnet32x4-resnet8x4", "vgg13-vgg8"]
+RD_DIFF = ["vgg13-MobileNetV2", "ResNet50-MobileNetV2", "ResNet50-vgg8", "resnet32x4-ShuffleV1", "resnet32x4-ShuffleV2",
+           "wrn_40_2-ShuffleV1"]
+RD_PAIRS = RD_SAME + RD_DIFF
+# Its top-1 (%), column order = RD_PAIRS, rows in its order; None = no cell (FSP on different types).
+REPDISTILLER = {
+    "teacher": [75.61, 75.61, 72.34, 74.31, 74.31, 79.42, 74.64, 74.64, 79.34, 79.34, 79.42, 79.42, 75.61],
+    "student": [73.26, 71.98, 69.06, 69.06, 71.14, 72.50, 70.36, 64.60, 64.60, 70.36, 70.50, 71.82, 70.50],
+    "kd": [74.92, 73.54, 70.66, 70.67, 73.08, 73.33, 72.98, 67.37, 67.35, 73.81, 74.07, 74.45, 74.83],
+    "hint": [73.58, 72.24, 69.21, 68.99, 71.06, 73.50, 71.02, 64.14, 63.16, 70.69, 73.59, 73.54, 73.73],
+    "attention": [74.08, 72.77, 70.55, 70.22, 72.31, 73.44, 71.43, 59.40, 58.58, 71.84, 71.73, 72.73, 73.32],
+    "similarity": [73.83, 72.43, 69.67, 70.04, 72.69, 72.94, 72.68, 66.30, 68.08, 73.34, 73.48, 74.56, 74.52],
+    "correlation": [73.56, 72.21, 69.63, 69.48, 71.48, 72.97, 70.71, 64.86, 65.43, 70.25, 71.14, 71.29, 71.38],
+    "vid": [74.11, 73.30, 70.38, 70.16, 72.61, 73.09, 71.23, 65.56, 67.57, 70.30, 73.38, 73.40, 73.61],
+    "rkd": [73.35, 72.22, 69.61, 69.25, 71.82, 71.90, 71.48, 64.52, 64.43, 71.50, 72.28, 73.21, 72.21],
+    "pkt": [74.54, 73.45, 70.34, 70.25, 72.61, 73.64, 72.88, 67.13, 66.52, 73.01, 74.10, 74.69, 73.89],
+    "abound": [72.50, 72.38, 69.47, 69.53, 70.98, 73.17, 70.94, 66.06, 67.20, 70.65, 73.55, 74.31, 73.34],
+    "factor": [73.25, 71.59, 69.84, 70.22, 72.37, 72.86, 70.58, 61.78, 60.99, 70.29, 71.75, 72.50, 72.03],
+    "fsp": [72.91, 0.00, 69.95, 70.11, 71.89, 72.62, 70.23, None, None, None, None, None, None],
+    "nst": [73.68, 72.24, 69.60, 69.53, 71.96, 73.30, 71.53, 58.16, 64.96, 71.28, 74.12, 74.68, 74.89],
+    "crd": [75.48, 74.14, 71.16, 71.46, 73.48, 75.51, 73.94, 69.73, 69.11, 74.30, 75.11, 75.65, 76.05],
+}
+RD_LABELS = {"kd": "KD", "hint": "FitNet", "attention": "AT", "similarity": "SP", "correlation": "CC", "vid": "VID",
+             "rkd": "RKD", "pkt": "PKT", "abound": "AB", "factor": "FT", "fsp": "FSP", "nst": "NST", "crd": "CRD"}
+# README cells that are no result, marked * beside its number and not run (their configs exist, as the README's cells).
+RD_FLAGGED = {("fsp", "wrn_40_2-wrn_40_1"): "the README prints 0.00: RepDistiller's FSP refuses the pair (channel "
+                                            "counts differ, distiller_zoo/FSP.py), as ifacd_distill.py does; not run"}
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="run_table.py ifacd", description="the IFACD slides' CIFAR-100 table")
-    p.add_argument("--methods", nargs="+", default=[m for m in SLIDES if m != "teacher"],
+TABLES = {  # a table's configs, columns, reference numbers (their keys = its rows), cells not run, and output root
+    "ifacd": dict(configs=CONFIGS, pairs=PAIRS, reference=SLIDES, skip={},
+                  out_root=os.path.join("out", "ifacd_distill"), description="the IFACD slides' CIFAR-100 table"),
+    "repdistiller": dict(configs=os.path.join(CONFIGS, "repdistiller"), pairs=RD_PAIRS, reference=REPDISTILLER,
+                         skip=RD_FLAGGED, out_root=os.path.join("out", "repdistiller"),
+                         description="RepDistiller's CIFAR-100 benchmark (its README's two tables)"),
+}
+
+
+def parse_args(argv, table="ifacd"):
+    spec = TABLES[table]
+    p = argparse.ArgumentParser(prog=f"run_table.py {table}", description=spec["description"])
+    rows = [m for m in spec["reference"] if m != "teacher"]
+    p.add_argument("--methods", nargs="+", default=rows, choices=rows if table == "repdistiller" else None,
                    help="rows to run (default: the whole table; the teachers are always trained)")
-    p.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
+    p.add_argument("--pairs", nargs="+", default=spec["pairs"], choices=spec["pairs"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun --nproc_per_node)")
-    p.add_argument("--out_root", default=os.path.join("out", "ifacd_distill"))
+    p.add_argument("--out_root", default=spec["out_root"])
     p.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
+    p.set_defaults(table=table)
     args, extra = p.parse_known_args(argv)
     return args, [a for a in extra if a != "--"]
+
+
+def reference(table, method, pair):
+    """The table's published number for (method, pair), None where it has none."""
+    spec = TABLES[table]
+    return spec["reference"].get(method, [None] * len(spec["pairs"]))[spec["pairs"].index(pair)]
 
 
 def teacher_dir(out_root, teacher):
@@ -93,8 +160,11 @@ def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None, scrip
 
 def plan(args, extra):
     """[(method, columns, seed, run_dir, command or None if complete)], teachers first, each model's vanilla run
-    once: a teacher or vanilla student fills every column (pair) it belongs to."""
-    runs = []
+    once: a teacher or vanilla student fills every column (pair) it belongs to. The configs are args.table's; a
+    (method, pair) whose reference row exists but has no number there (RepDistiller's FSP on different types), or
+    that the table skips (RD_FLAGGED), is not run."""
+    spec, runs = TABLES[args.table], []
+    configs = spec["configs"]
     vanilla = [("teacher", t, [p for p in args.pairs if p.split("-")[0] == t]) for t in
                dict.fromkeys(p.split("-")[0] for p in args.pairs)]
     if "student" in args.methods:
@@ -104,11 +174,14 @@ def plan(args, extra):
         for seed in [0] if method == "teacher" else args.seeds:  # teachers are trained once
             out = teacher_dir(args.out_root, model) if method == "teacher" else \
                 os.path.join(args.out_root, f"vanilla_{model}", f"seed{seed}")
-            cmd = command(os.path.join(CONFIGS, f"vanilla_{model}.yaml"), out, args.nproc, extra, seed)
+            cmd = command(os.path.join(configs, f"vanilla_{model}.yaml"), out, args.nproc, extra, seed)
             runs.append((method, columns, seed, out, None if is_complete(out) else cmd))
     for method in [m for m in args.methods if m not in ("teacher", "student")]:
         for pair in args.pairs:
-            cfg_path = os.path.join(CONFIGS, f"{pair}_{method}.yaml")
+            if (method in spec["reference"] and reference(args.table, method, pair) is None) or \
+                    (method, pair) in spec["skip"]:
+                continue
+            cfg_path = os.path.join(configs, f"{pair}_{method}.yaml")
             if not os.path.exists(cfg_path):
                 raise SystemExit(f"no config {cfg_path} for method {method}")
             for seed in args.seeds:
@@ -133,10 +206,10 @@ def last_and_best(run_dir):
     return (rows[-1]["test_top1"], rows[-1]["best_test_top1"]) if rows else None
 
 
-def summarise(args, runs, write=True):
-    """results.csv (every finished run) and results.md (methods x pairs: mean +- std of the last-epoch top-1, the
-    slides' number in brackets, and the average over the pairs; then slides_tables). Returns the Markdown lines."""
-    results, logs, rows = {}, {}, []  # (method, pair) -> [last-epoch top-1 per seed], [last log row per seed]
+def collect(runs):
+    """From the finished runs: ({(method, pair): [last-epoch top-1 per seed]}, {(method, pair): [last log row per
+    seed]}, the results.csv rows)."""
+    results, logs, rows = {}, {}, []
     for method, columns, seed, out, cmd in runs:
         acc = last_and_best(out) if cmd is None else None
         if acc is not None:
@@ -145,27 +218,82 @@ def summarise(args, runs, write=True):
             for pair in columns:
                 results.setdefault((method, pair), []).append(acc[0])
                 logs.setdefault((method, pair), []).append(last)
-    lines = ["| method | " + " | ".join(args.pairs) + " | avg |", "|---" * (len(args.pairs) + 2) + "|"]
-    for method in ["teacher", "student"] + [m for m in args.methods if m not in ("teacher", "student")]:
-        cells, means = [], []
-        slides = [SLIDES.get(method, [None] * len(PAIRS))[PAIRS.index(p)] for p in args.pairs]
-        for pair, ref in zip(args.pairs, slides):
-            accs = results.get((method, pair), [])
-            means += [statistics.mean(accs)] if accs else []
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append((f"{means[-1]:.2f} ± {std:.2f} (n={len(accs)})" if accs else "-") + f" [slides {ref}]")
-        avg = f"{statistics.mean(means):.2f}" if len(means) == len(args.pairs) else "-"
-        ref = f"{statistics.mean(slides):.2f}" if None not in slides else None
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} [slides {ref}] |")
-    lines += slides_tables(args, logs)
+    return results, logs, rows
+
+
+def spread(accs):
+    """A cell: mean +- std over the seeds' top-1, and their number ("-" without a finished run)."""
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.2f} ± {std:.2f} (n={len(accs)})" if accs else "-"
+
+
+def summarise(args, runs, write=True):
+    """results.csv (every finished run) and results.md, laid out as args.table's source (ifacd_lines,
+    repdistiller_lines). Returns the Markdown lines."""
+    results, logs, rows = collect(runs)
+    if args.table == "ifacd":
+        title = "CIFAR-100 test top-1 (%) of the last epoch, mean ± std over seeds; [slides] = S000.\n\n"
+        lines = ifacd_lines(args, results, logs)
+    else:
+        title = ("CIFAR-100 test top-1 (%) of the last epoch, mean ± std over seeds (n = finished runs); "
+                 "[RepDistiller] = its README's number (github.com/HobbitLong/RepDistiller, \"Benchmark Results on "
+                 "CIFAR-100\", also the last epoch: its issue #16).\n")
+        lines = repdistiller_lines(args, results)
     if write:
         os.makedirs(args.out_root, exist_ok=True)
         with open(os.path.join(args.out_root, "results.csv"), "w", newline="") as f:
             csv.writer(f).writerows([["method", "pairs", "seed", "last_top1", "best_top1", "run_dir"]] + rows)
         with open(os.path.join(args.out_root, "results.md"), "w") as f:
-            f.write("CIFAR-100 test top-1 (%) of the last epoch, mean ± std over seeds; [slides] = S000.\n\n"
-                    + "\n".join(lines) + "\n")
+            f.write(title + "\n".join(lines) + "\n")
     return lines
+
+
+def ifacd_lines(args, results, logs):
+    """methods x pairs: mean +- std of the last-epoch top-1, the slides' number in brackets, and the average over the
+    pairs; then slides_tables."""
+    lines = ["| method | " + " | ".join(args.pairs) + " | avg |", "|---" * (len(args.pairs) + 2) + "|"]
+    for method in ["teacher", "student"] + [m for m in args.methods if m not in ("teacher", "student")]:
+        cells, means = [], []
+        slides = [reference("ifacd", method, p) for p in args.pairs]
+        for pair, ref in zip(args.pairs, slides):
+            accs = results.get((method, pair), [])
+            means += [statistics.mean(accs)] if accs else []
+            cells.append(spread(accs) + f" [slides {ref}]")
+        avg = f"{statistics.mean(means):.2f}" if len(means) == len(args.pairs) else "-"
+        ref = f"{statistics.mean(slides):.2f}" if None not in slides else None
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} [slides {ref}] |")
+    return lines + slides_tables(args, logs)
+
+
+def rd_reference(method, pair):
+    """RepDistiller's number as shown beside ours: 2 decimals, * if RD_FLAGGED."""
+    return f"{reference('repdistiller', method, pair):.2f}" + ("*" if (method, pair) in RD_FLAGGED else "")
+
+
+def repdistiller_lines(args, results):
+    """RepDistiller's README tables: the same-type pairs, then the different-type ones (the requested pairs, in the
+    README's order); a "Teacher / Student" row (teacher / student trained alone), then the requested methods in the
+    README's order with its labels (a table shows a method only where the README has it: no FSP on different types).
+    Each cell: ours, then [RepDistiller its number]; a note below for each flagged cell shown."""
+    lines = []
+    for caption, table in (("Teacher and student of the same architectural type (README table 1).", RD_SAME),
+                           ("Teacher and student of different architectural types (README table 2).", RD_DIFF)):
+        pairs = [p for p in table if p in args.pairs]
+        if not pairs:
+            continue
+        body = ["| Teacher / Student | " + " | ".join(
+            f"{spread(results.get(('teacher', p), []))} / {spread(results.get(('student', p), []))} "
+            f"[RepDistiller {rd_reference('teacher', p)} / {rd_reference('student', p)}]" for p in pairs) + " |"]
+        for method in [m for m in RD_LABELS if m in args.methods]:
+            if any(reference("repdistiller", method, p) is not None for p in table):
+                body.append(f"| {RD_LABELS[method]} | " + " | ".join(
+                    f"{spread(results.get((method, p), []))} [RepDistiller {rd_reference(method, p)}]" for p in pairs)
+                    + " |")
+        head = "| Teacher <br> Student | " + " | ".join(p.replace("-", " <br> ") for p in pairs) + " |"
+        lines += ["", caption, "", head, "|---" * (len(pairs) + 1) + "|"] + body
+    notes = [f"* {RD_LABELS[m]} {p.replace('-', ' → ')}: {why}." for (m, p), why in RD_FLAGGED.items()
+             if m in args.methods and p in args.pairs]
+    return lines + ([""] + notes if notes else [])
 
 
 def cell(rows, key, scale=1.0, gpu_only=False):
@@ -242,8 +370,9 @@ def launch(cmd, dry_run):
     return time.perf_counter() - start
 
 
-def ifacd_table(argv):
-    args, extra = parse_args(argv)
+def run_table(argv, table):
+    """Plan the runs of a table, launch the unfinished ones (teachers first), then summarise."""
+    args, extra = parse_args(argv, table)
     runs = plan(args, extra)
     for method, columns, seed, out, cmd in runs:
         if cmd is None:
@@ -259,12 +388,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):  # no table name: the IFACD table, as before tables had names
         argv = ["ifacd"] + argv
-    if argv[0] not in ("ifacd", "fashion_mnist", "fashion_mnist_distill"):
-        raise SystemExit("usage: run_table.py {ifacd,fashion_mnist,fashion_mnist_distill} [options] [-- flags for every "
-                         "run]; ifacd = the IFACD slides' CIFAR-100 table, fashion_mnist = every SSL method on "
-                         "Fashion-MNIST on a CPU, fashion_mnist_distill = its distillation rows")
-    if argv[0] == "ifacd":
-        return ifacd_table(argv[1:])
+    if argv[0] not in ("ifacd", "repdistiller", "fashion_mnist", "fashion_mnist_distill"):
+        raise SystemExit("usage: run_table.py {ifacd,repdistiller,fashion_mnist,fashion_mnist_distill} [options] [-- "
+                         "flags for every run]; ifacd = the IFACD slides' CIFAR-100 table, repdistiller = "
+                         "RepDistiller's CIFAR-100 benchmark (its README's two tables), fashion_mnist = every SSL "
+                         "method on Fashion-MNIST on a CPU, fashion_mnist_distill = its distillation rows")
+    if argv[0] in TABLES:
+        return run_table(argv[1:], argv[0])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import fashion_mnist  # scripts/fashion_mnist.py
     fashion_mnist.main(argv[1:], argv[0])

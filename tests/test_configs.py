@@ -1,5 +1,6 @@
 """Every shipped YAML config parses against its script's Config (no unknown keys, right types); the evaluation
-protocols in configs/eval/ against eval.knn's or eval.linear's (by their name's prefix)."""
+protocols in configs/eval/ against eval.knn's or eval.linear's (by their name's prefix). Subfolders are parsed too
+(configs/ifacd_distill/repdistiller/): the script is the first folder under configs/."""
 import glob
 import importlib
 import os
@@ -11,12 +12,12 @@ from conftest import ROOT
 
 SCRIPTS = {"simclr": "simclr", "mocov3": "mocov3", "byol": "byol", "simsiam_gsg": "simsiam_gsg", "sdssl": "sdssl",
            "msbreg": "msbreg", "ifacd_distill": "ifacd_distill"}
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "**", "*.yaml"), recursive=True))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_config_parses(path):
-    method = os.path.basename(os.path.dirname(path))
+    method = os.path.relpath(path, os.path.join(ROOT, "configs")).split(os.sep)[0]
     if method == "eval":
         module = importlib.import_module("eval." + os.path.basename(path).split("_")[0])  # knn_*.yaml, linear_*.yaml
     else:
