@@ -565,11 +565,12 @@ def build_cifar_model(name, num_classes=100):
 
 @torch.no_grad()
 def feature_shapes(model, image_size=32):
-    """The Features of a 2-image probe batch, as shapes: distillation heads are sized from it. Runs in eval mode
-    (BN statistics untouched) and restores the model's mode."""
+    """The Features of a 2-image probe batch, as shapes (logits None for a headless model): distillation heads are
+    sized from it. Runs in eval mode (BN statistics untouched) and restores the model's mode."""
     mode = model.training
     p = next(model.parameters())
     f = model.eval()(torch.zeros(2, 3, image_size, image_size, device=p.device, dtype=p.dtype), features=True)
     model.train(mode)
-    return Features([t.shape for t in f.stages], f.pooled.shape, f.logits.shape, [t.shape for t in f.last_stage],
+    logits = f.logits.shape if f.logits is not None else None
+    return Features([t.shape for t in f.stages], f.pooled.shape, logits, [t.shape for t in f.last_stage],
                     [t.shape for t in f.preact])

@@ -25,16 +25,15 @@ from common.log import print0
 
 
 def num_layers(backbone):
-    """How many layers `--layer` can pick from: the ViT's blocks, or the stages of a ResNet (torchvision: 4; the
-    CIFAR zoo's resnet / wrn: 3; its VGGs: blocks 1-4)."""
+    """How many layers `--layer` can pick from: the ViT's blocks, or the stages of a ResNet (torchvision: 4) or of
+    a CIFAR-zoo model (its Features.stages after the stem: resnet / wrn / ShuffleNets 3, VGG / ResNet50 /
+    MobileNetV2 4)."""
     if hasattr(backbone, "forward_intermediates"):
         return backbone.depth
     if hasattr(backbone, "forward_stages"):
         return 4
-    if isinstance(backbone, cifar_models.VGG):
-        return 4
-    if isinstance(backbone, (cifar_models.ResNet, cifar_models.WideResNet)):
-        return 3
+    if isinstance(backbone, tuple(cls for cls, _ in cifar_models.CIFAR_MODELS.values())):
+        return len(cifar_models.feature_shapes(backbone).stages) - 1
     raise ConfigError(f"--layer needs a ViT or a ResNet backbone, not {type(backbone).__name__}")
 
 

@@ -15,7 +15,7 @@ from common.config import parse
 from common.models import build_model
 from conftest import launch
 from eval import analysis, knn, linear
-from eval.knn import feature_dims, features, knn_classify
+from eval.knn import feature_dims, features, knn_classify, num_layers, select_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,6 +102,16 @@ def test_resnet_stage_features_are_the_pooled_stage_outputs():
     assert [t.shape[1] for t in f] == [16, 32, 64]
     assert torch.allclose(f[2], zoo(x), atol=1e-6)
     assert features(zoo, x, [2])[0].shape == (3, 32)
+
+
+@pytest.mark.parametrize("name, widths", [("wrn_16_1", [16, 32, 64]), ("vgg8", [128, 256, 512, 512]),
+                                          ("MobileNetV2", [12, 16, 48, 160]), ("ShuffleV2", [116, 232, 464])])
+def test_every_cifar_zoo_family_has_its_stages_as_layers(name, widths):
+    """--layer all on a headless zoo backbone: one pooled feature per stage after the stem (Features.stages[1:])."""
+    backbone = build_model(name, image_size=28).eval()
+    assert num_layers(backbone) == len(widths)
+    f = features(backbone, torch.randn(2, 3, 28, 28), select_layers(backbone, "all"))
+    assert [t.shape[1] for t in f] == widths
 
 
 def test_dino_features_concatenate_the_last_cls_tokens_and_the_mean_patch_token():
