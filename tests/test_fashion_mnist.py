@@ -103,3 +103,20 @@ def test_fashion_mnist_tables_end_to_end(tmp_path):
     table = open(os.path.join(out_distill, "results.md")).read()
     for needle in ("| teacher resnet56 |", "| resnet20 alone |", "| resnet20 + KD |", "- teacher: "):
         assert needle in table, needle
+
+
+def test_distill_table_compares_each_student_with_itself_alone(tmp_path):
+    """The distillation table's gain column: each distilled row minus the same student trained alone (resnet20's
+    rows against resnet20 alone, MobileNetV2's against MobileNetV2 alone); none for the teacher and the alone rows."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import fashion_mnist as FM  # scripts/fashion_mnist.py
+    top1 = {"teacher": 91.0, "vanilla": 87.0, "kd": 86.5, "mobilenetv2": 80.0, "mobilenetv2_kd": 82.25}
+    for key, acc in top1.items():
+        run = tmp_path / key if key == "teacher" else tmp_path / key / "seed0"
+        run.mkdir(parents=True)
+        (run / "log.jsonl").write_text(json.dumps({"epoch": 0, "test_top1": acc, "img_per_s": 100.0}) + "\n")
+    args, _ = FM.parse_args(["--out_root", str(tmp_path), "--rows", *top1], "fashion_mnist_distill")
+    lines, _ = FM.distill_table(args)
+    gains = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in lines[2:]}
+    assert gains == {"teacher resnet56": "-", "resnet20 alone": "-", "resnet20 + KD": "-0.50",
+                     "MobileNetV2 alone": "-", "MobileNetV2 + KD": "+2.25"}
