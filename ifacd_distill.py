@@ -486,6 +486,8 @@ def main():
     cfg = config.parse(Config, description=__doc__.splitlines()[0])
     if cfg.distill != "none" and not cfg.teacher_ckpt:
         raise ConfigError(f"--distill {cfg.distill} needs --teacher_ckpt (a {cfg.teacher} trained with --distill none)")
+    if cfg.init_epochs < 0:
+        raise ConfigError(f"init_epochs={cfg.init_epochs}: the init stage of abound, factor and fsp needs 0 or more")
     ctx = dist.setup(cfg.device)
     batch_per_rank = dist.per_rank(cfg.batch_size, ctx.world_size)
     log.start(cfg, ctx)

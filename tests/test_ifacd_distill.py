@@ -402,6 +402,11 @@ def test_crd_banks_and_z_stay_equal_across_ranks(tmp_path):
      "resnet14 has 4 ReLU outputs"),
     (["--distill", "hint", "--teacher", "resnet14", "--teacher_ckpt", "TEACHER", "--hint_layer", "7"],
      "hint_layer=7: choose 0..3"),
+    (["--distill", "fsp", "--teacher", "resnet14", "--teacher_ckpt", "TEACHER", "--student", "resnet8x4"],
+     "fsp: the student's and the teacher's channel counts differ"),
+    (["--distill", "abound", "--teacher", "resnet14", "--teacher_ckpt", "TEACHER", "--student", "MobileNetV2"],
+     "abound: the student has 4 stage outputs and the teacher 3"),
+    (["--distill", "abound", "--teacher_ckpt", "TEACHER", "--init_epochs", "-1"], "init_epochs=-1"),
 ])
 def test_bad_input_is_one_clear_line(process_group, cifar_root, teacher_ckpt, tmp_path, monkeypatch, capsys,
                                      extra, message):
