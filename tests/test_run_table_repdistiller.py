@@ -118,16 +118,19 @@ def probe():
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("pair", SAME + DIFF)
-def test_every_method_runs_on_the_pair(pair, probe):
+def test_every_method_runs_on_the_pair(pair, probe, monkeypatch):
     """Each config of the pair builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's
     paraphraser, FSP's shape check) and gives a finite loss on a probe batch: the main term and, for the two-stage
     methods, the init stage's. But FSP wrn_40_2 -> wrn_40_1 (the README's 0.00), refused as RepDistiller does."""
     x, model = probe
+    shapes = functools.lru_cache(maxsize=None)(I.feature_shapes)  # the pair's two models, probed once
+    monkeypatch.setattr(I, "feature_shapes", shapes)
     with torch.no_grad():
+        t = model(pair.split("-")[0]).eval()(x, features=True)
         for name in [n for n, c in cells().items() if f"{c[0]}-{c[1]}" == pair]:
             cfg = load(name, "--crd_negatives", "4")
             teacher, student = model(cfg.teacher).eval(), model(cfg.student).train()  # the config's models
-            t = teacher(x, features=True)
+            assert f"{cfg.teacher}-{cfg.student}" == pair, name
             if (cfg.distill, pair) == ("fsp", "wrn_40_2-wrn_40_1"):  # the README's 0.00: RepDistiller refuses it too
                 with pytest.raises(ConfigError, match="channel counts differ"):
                     I.build_loss_state(cfg, student, teacher, n_data=8)
