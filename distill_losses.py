@@ -413,16 +413,43 @@ def check_kdsvd_shapes(s_shapes, t_shapes):
     _check_equal_channels("kdsvd", s_shapes, t_shapes, "feat[1:-1], the stage outputs after the stem")
 
 
+def leading_vectors_with_gradient(x, v, sigma, n):
+    """The n leading right singular vectors v[:, :, :n] of x (B, HW, C) in value, with the derivative of
+    perturbation theory: for a leading v_j, dv_j = sum over i != j of v_i (v_i^T dG v_j) / (l_j - l_i), G = x^T x,
+    l = sigma^2, i over a complete basis (the directions beyond the r = min(HW, C) computed ones have l = 0; their
+    part is the projection of dG v_j off span(v), / l_j). This is torch's SVD gradient for these vectors, without
+    its terms between pairs of the other vectors: those are multiplied by a zero upstream gradient, but where two
+    singular values are equal (ReLU-dead channels: repeated zeros) torch computes 0 / 0 = NaN. Pairs with equal l
+    among the leading ones have no derivative; their term is left at 0."""
+    g = x.transpose(1, 2) @ x  # (B, C, C), differentiable
+    dg = g - g.detach()  # zero in value, G's gradient
+    lam, lead = sigma.pow(2), v[:, :, :n]
+    gap = lam[:, None, :n] - lam[:, :, None]  # (B, r, n): l_j - l_i
+    inverse = torch.where(gap != 0, 1 / gap, torch.zeros_like(gap))  # also 0 for i = j
+    dv = v @ (inverse * (v.transpose(1, 2) @ dg @ lead))
+    if v.shape[2] < v.shape[1]:  # fewer positions than channels: the null space of x
+        moved = dg @ lead
+        scale = torch.where(lam[:, :n] > 0, 1 / lam[:, :n], torch.zeros_like(lam[:, :n]))
+        dv = dv + (moved - v @ (v.transpose(1, 2) @ moved)) * scale[:, None, :]
+    return lead + dv
+
+
 def top_singular(f, n):
     """(B, C, H, W) -> (sigma (B, n), V (B, C, n)) of RepDistiller's `KDSVD.svd`: the SVD of each map as an
     (HW, C) matrix (positions x channels), non-finite entries set to 0, the n largest singular values L2-normalised
     together (for n = 1: 1) and the n leading right singular vectors (over the channels), each L2-normalised
-    (already unit: a no-op in value and gradient). Their signs are LAPACK's (cuSOLVER's on a GPU), as torch.svd's."""
+    (already unit: a no-op in value and gradient). Their signs are LAPACK's (cuSOLVER's on a GPU), as torch.svd's.
+    The gradient reaches x through V only (KDSVD uses the teacher's sigma alone), by
+    `leading_vectors_with_gradient`: torch's SVD gradient where that is finite, and finite where ReLU-dead channels
+    make it NaN (RepDistiller relies on torch.svd's autograd and gets the NaN)."""
     x = f.flatten(2).transpose(1, 2)  # (B, HW, C)
-    _, sigma, vh = torch.linalg.svd(x, full_matrices=False)  # the numbers torch.svd(x) returns (U unused)
+    with torch.no_grad():
+        _, sigma, vh = torch.linalg.svd(x, full_matrices=False)  # the numbers torch.svd(x) returns (U unused)
     sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
     v = vh.transpose(1, 2)
     v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    if x.requires_grad:
+        v = leading_vectors_with_gradient(x, v, sigma, n)
     return F.normalize(sigma[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
 
 

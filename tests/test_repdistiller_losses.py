@@ -347,3 +347,27 @@ def test_kdsvd_wiring_and_analytic():
     assert L.kdsvd_loss(g, g).item() < 1e-20
     assert L.kdsvd_loss([-2 * f for f in g], g).item() < 1e-20
     assert L.kdsvd_loss(s.stages[1:], g).item() > 1e-3
+
+
+def test_kdsvd_gradient_stays_finite_with_dead_channels():
+    """ReLU-dead channels (all-zero maps: they appear within a few steps on Fashion-MNIST) give the student's map
+    repeated zero singular values. KDSVD reads only the leading singular vectors, whose derivative does not involve
+    the gaps between those zeros, yet torch's SVD backward divides 0 by 0 there and returns NaN (a real run then
+    crashes in the next step's SVD). The gradient must stay finite, the value unchanged, and equal the naive
+    reference's wherever that one is finite (a live copy of the same maps)."""
+    s, t = pair("resnet32x4-resnet8x4")
+    maps = [f.detach().clone() for f in s.stages[1:]]
+    for f in maps:
+        f[:, -3:] = 0  # three dead channels in every map
+    g_s = leaves(maps)
+    ours = L.kdsvd_loss(g_s, t.stages[1:])
+    grads = torch.autograd.grad(ours, g_s)
+    assert torch.isfinite(ours) and all(torch.isfinite(g).all() for g in grads)
+    naive = naive_kdsvd(g_s, t.stages[1:])
+    torch.testing.assert_close(ours, naive, rtol=1e-9, atol=0)
+    with torch.no_grad():  # live channels: a tiny perturbation of the dead ones, where the naive gradient is finite
+        live = [f + 1e-9 * torch.randn_like(f) * (f == 0) for f in maps]
+    live = leaves(live)
+    naive_grads = torch.autograd.grad(naive_kdsvd(live, t.stages[1:]), live)
+    for a, b in zip(grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
