@@ -62,18 +62,16 @@ Run
     python scripts/run_table.py repdistiller --seeds 0 1 2         # RepDistiller's README tables (its own recipe)
 """
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 import distill_losses as L
 from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
-from common.cifar_models import CIFAR_MODELS, build_cifar_model, feature_shapes
+from common.cifar_models import CIFAR_MODELS, build_cifar_model, feature_shapes, load_teacher
 from common.config import ConfigError, arg
 from common.log import print0
 
@@ -316,64 +314,6 @@ def distill_term(cfg, s, t, z, state, sample):
     return torch.zeros((), device=s.logits.device)
 
 
-class DistillSet(Dataset):
-    """Training items (image, label, index, sample). `sample` is CRD's (RepDistiller `CIFAR100InstanceSample`):
-    1 + K dataset indices, the positive first, then K other-class images, uniform without replacement (with
-    replacement if fewer than K exist); an empty tensor when K = 0. The positive is the image itself (mode 'exact')
-    or, with relax=True, a uniformly drawn image of its class (mode 'relax'; possibly itself). Uses torch's RNG,
-    reseeded every epoch."""
-
-    def __init__(self, base, k, relax=False):
-        self.base, self.k, self.relax = base, k, relax
-        self.order = torch.argsort(base.labels, stable=True)  # dataset indices grouped by class
-        self.count = torch.bincount(base.labels)
-        self.start = torch.cumsum(self.count, 0) - self.count  # class c occupies order[start[c]:start[c]+count[c]]
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        if not self.k:
-            return x, y, i, torch.empty(0, dtype=torch.long)
-        start, count = int(self.start[y]), int(self.count[y])
-        positive = self.order[start + torch.randint(count, (1,))] if self.relax else torch.tensor([i])
-        m = len(self.order) - count  # number of other-class images
-        j = torch.randperm(m)[:self.k] if self.k <= m else torch.randint(m, (self.k,))
-        return x, y, i, torch.cat([positive, self.order[j + count * (j >= start)]])  # past class y's block: skip it
-
-
-def load_teacher(cfg, num_classes, device, channels_last=False):
-    """The frozen teacher: `cfg.teacher` with the weights of `cfg.teacher_ckpt` (this script's last.pt, or a bare
-    state dict / RepDistiller's {'model': state_dict}), strict, in eval mode and without gradients."""
-    path = cfg.teacher_ckpt
-    if not os.path.isfile(path):
-        raise ConfigError(f"teacher checkpoint {path} does not exist; train the teacher with "
-                          f"`--distill none --student {cfg.teacher}` (scripts/run_table.py ifacd does it)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"teacher checkpoint {path} is unreadable ({type(e).__name__})") from None
-    if isinstance(blob, dict) and "format" in blob:  # this script's own checkpoint: the student part of `model`
-        trained = blob.get("config", {}).get("student")
-        if trained != cfg.teacher:
-            held = f"a {trained}" if trained else "no ifacd_distill.py model"
-            raise ConfigError(f"teacher checkpoint {path} holds {held}, not --teacher {cfg.teacher}")
-        if blob["epoch"] < blob["config"]["epochs"]:
-            print0(f"warning: the teacher in {path} stopped at epoch {blob['epoch']} of {blob['config']['epochs']}")
-        blob = {k[len("student."):]: v for k, v in blob["model"].items() if k.startswith("student.")}
-    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
-        blob = blob["model"]
-    teacher = build_cifar_model(cfg.teacher, num_classes)
-    try:
-        teacher.load_state_dict(blob)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        detail = str(e).splitlines()[0][:200]
-        raise ConfigError(f"teacher checkpoint {path} does not fit {cfg.teacher}: {detail}") from None
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    return teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
-
-
 # ================================================== training ==================================================
 
 def init_stage(cfg, model, state):
@@ -498,7 +438,8 @@ def main():
     size = data.DEFAULT_IMAGE_SIZE[cfg.dataset]
     train_base = data.build_dataset(cfg.dataset, cfg.data_dir, "train",
                                     augment.linear_train_transform(size, mean, std), cfg.download)
-    train_set = DistillSet(train_base, cfg.crd_negatives if cfg.distill == "crd" else 0, cfg.crd_mode == "relax")
+    crd = cfg.distill == "crd"
+    train_set = data.DistillSet(train_base, cfg.crd_negatives if crd else 0, cfg.crd_mode == "relax")
     test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(size, mean, std))
     loader = data.train_loader(train_set, batch_per_rank, ctx, cfg.num_workers, cfg.seed)
     test_loader = data.eval_loader(test_set, 256, ctx, cfg.num_workers)
@@ -507,7 +448,8 @@ def main():
     # ----- models: frozen teacher, student + distillation heads (one DDP module), the method's state outside DDP -----
     num_classes = NUM_CLASSES[cfg.dataset]
     channels_last = models.use_channels_last(cfg.student, ctx.device)  # NHWC convolutions (also on the CPU)
-    teacher = load_teacher(cfg, num_classes, ctx.device, channels_last) if cfg.distill != "none" else None
+    teacher = (load_teacher(cfg.teacher_ckpt, cfg.teacher, num_classes, ctx.device, channels_last)
+               if cfg.distill != "none" else None)
     student = build_cifar_model(cfg.student, num_classes)
     model, model_ddp, note = dist.prepare(Distiller(student, build_heads(cfg, student, teacher, size)), ctx,
                                           cfg.sync_bn, cfg.compile, channels_last)

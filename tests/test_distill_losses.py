@@ -318,7 +318,7 @@ def test_every_method_trains_one_step_on_every_pair(process_group, pair):
             continue
         model = M.Distiller(student, M.build_heads(cfg, student, teacher))
         state = M.build_loss_state(cfg, student, teacher, len(base))
-        loader = data.train_loader(M.DistillSet(base, 4 if method == "crd" else 0), 4, process_group, 0, seed=0)
+        loader = data.train_loader(data.DistillSet(base, 4 if method == "crd" else 0), 4, process_group, 0, seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         scaler = M.optim.grad_scaler("none", process_group.device)
         step, row = M.train_one_epoch(model, teacher, state, loader, optimizer, scaler, cfg, process_group, 0, 0, 1e-3)

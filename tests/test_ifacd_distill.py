@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common import config, data, dist
-from common.cifar_models import build_cifar_model
+from common.cifar_models import build_cifar_model, load_teacher
 from conftest import ROOT, assert_same_tensors, launch, load_ckpt, read_log
 
 import ifacd_distill as M
@@ -138,13 +138,13 @@ def test_crd_sampler_draws_other_class_negatives():
     base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
     torch.manual_seed(0)
     for k, distinct in ((6, True), (9, False)):  # class 0 has 7 other-class images: 9 > 7 draws with replacement
-        ds = M.DistillSet(base, k)
+        ds = data.DistillSet(base, k)
         for i in range(10):
             _, y, index, sample = ds[i]
             pos, neg = sample[0], sample[1:]
             assert index == i == pos and neg.shape == (k,) and (labels[neg] != y).all()  # exact: the positive is i
             assert (len(set(neg.tolist())) == k) == distinct or y == 3
-    assert M.DistillSet(base, 0)[3][3].numel() == 0
+    assert data.DistillSet(base, 0)[3][3].numel() == 0
 
 
 def test_crd_relax_mode_draws_the_positive_from_the_class():
@@ -152,7 +152,7 @@ def test_crd_relax_mode_draws_the_positive_from_the_class():
     the negatives are drawn as in exact mode."""
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
     base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
-    ds = M.DistillSet(base, 4, relax=True)
+    ds = data.DistillSet(base, 4, relax=True)
     torch.manual_seed(0)
     positives = torch.stack([ds[0][3][0] for _ in range(600)])  # class 0 = images 0, 3, 6
     assert set(positives.tolist()) == {0, 3, 6}
@@ -205,7 +205,7 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient(process_group, cifa
     model = M.Distiller(build_cifar_model("resnet8"), M.build_heads(cfg, build_cifar_model("resnet8"), teacher))
     before_t, before_s = [{k: v.clone() for k, v in m.state_dict().items()} for m in (teacher, model)]
     base = data.build_dataset("cifar100", cifar_root, "train", M.augment.linear_train_transform(32))
-    loader = data.train_loader(M.DistillSet(base, 0), 8, ctx, 0, seed=0)
+    loader = data.train_loader(data.DistillSet(base, 0), 8, ctx, 0, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step, row = M.train_one_epoch(dist.ddp(model, ctx), teacher, torch.nn.Module(), loader, optimizer,
                                   M.optim.grad_scaler("none", ctx.device), cfg, ctx, 0, 0, 0.1)
@@ -427,7 +427,7 @@ def test_teacher_loads_from_a_bare_state_dict(tmp_path):
     torch.save({"model": model.state_dict(), "epoch": 240}, tmp_path / "repdistiller.pt")  # RepDistiller's layout
     for name in ("bare.pt", "repdistiller.pt"):
         cfg = cfg_of("--distill", "kd", "--teacher", "resnet8", "--teacher_ckpt", str(tmp_path / name))
-        teacher = M.load_teacher(cfg, 100, torch.device("cpu"))
+        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher, 100, torch.device("cpu"))
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert_same_tensors(teacher.state_dict(), model.state_dict())
 
