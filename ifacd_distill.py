@@ -91,6 +91,7 @@ class Config:
     dataset: str = arg("cifar100", "training images (fake = random images for smoke runs)", choices=tuple(NUM_CLASSES))
     data_dir: str = arg("./data", "dataset root (holds cifar-100-python / cifar-10-batches-py)")
     download: bool = arg(True, "download CIFAR through torchvision if missing")
+    train_subset: int = arg(0, "train on the first N / C images of each class only (a data-limited regime); 0 = all")
     # models
     distill: str = arg("ifacd", "none (train alone: teachers), kd, crd, ifacd or a RepDistiller baseline",
                        choices=METHODS)
@@ -438,6 +439,7 @@ def main():
     size = data.DEFAULT_IMAGE_SIZE[cfg.dataset]
     train_base = data.build_dataset(cfg.dataset, cfg.data_dir, "train",
                                     augment.linear_train_transform(size, mean, std), cfg.download)
+    train_base = data.balanced_subset(train_base, cfg.train_subset) if cfg.train_subset else train_base
     crd = cfg.distill == "crd"
     train_set = data.DistillSet(train_base, cfg.crd_negatives if crd else 0, cfg.crd_mode == "relax")
     test_set = data.build_dataset(cfg.dataset, cfg.data_dir, "val", augment.eval_transform(size, mean, std))

@@ -205,6 +205,21 @@ def build_dataset(name, root, split, transform, download=False, class_list=""):
     return _small_set(name, root, split, transform, download)
 
 
+def balanced_subset(dataset, n):
+    """The first n / C images of each of the C classes, in file order (the same images for every seed and run): a
+    data-limited training set. Only for in-memory datasets (ArrayDataset)."""
+    if not isinstance(dataset, ArrayDataset):
+        raise ConfigError("train_subset needs an in-memory dataset (cifar10/100, stl10, fashion_mnist, mnist, fake)")
+    per_class = n // len(dataset.classes)
+    if per_class < 1 or n % len(dataset.classes):
+        raise ConfigError(f"train_subset={n} must be a positive multiple of the {len(dataset.classes)} classes")
+    keep = torch.cat([torch.nonzero(dataset.labels == c).flatten()[:per_class] for c in range(len(dataset.classes))])
+    if len(keep) < n:
+        raise ConfigError(f"train_subset={n}: some class has fewer than {per_class} training images")
+    keep = keep.sort().values
+    return ArrayDataset(dataset.images[keep], dataset.labels[keep], dataset.transform, dataset.classes)
+
+
 def num_classes(dataset):
     """Number of classes of a labeled dataset built by build_dataset."""
     return len(dataset.classes)
