@@ -19,14 +19,18 @@ import torch.nn.functional as F
 
 
 def sincos_pos_embed(grid, dim, temperature=10000.0):
-    """(1, 1 + grid*grid, dim) fixed 2-D sin-cos embedding; the CLS position is all zeros (MoCo v3)."""
+    """(1, 1 + grid*grid, dim) fixed 2-D sin-cos embedding; the CLS position is all zeros (MoCo v3).
+
+    Patch n = row * grid + col (the patches are flattened row by row). Channels: sin, cos of row * omega, then
+    sin, cos of col * omega, as MoCo v3's build_2d_sincos_position_embedding computes them: its
+    `meshgrid(grid_w, grid_h)` ('ij') makes the variable named grid_w the row index, so its "w" half is the row."""
     assert dim % 4 == 0, "the 2-D sin-cos embedding needs embed_dim divisible by 4"
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                            indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out_x = xs.flatten()[:, None] * omega[None]  # (N, dim/4)
-    out_y = ys.flatten()[:, None] * omega[None]
-    pe = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)  # (N, dim)
+    out_row = rows.flatten()[:, None] * omega[None]  # (N, dim/4)
+    out_col = cols.flatten()[:, None] * omega[None]
+    pe = torch.cat([out_row.sin(), out_row.cos(), out_col.sin(), out_col.cos()], dim=1)  # (N, dim)
     return torch.cat([torch.zeros(1, dim), pe])[None]
 
 

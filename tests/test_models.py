@@ -67,6 +67,18 @@ def test_sincos_pos_embed():
     assert torch.allclose(pe[0, 1:].norm(dim=1), torch.full((16,), 8 ** 0.5))  # 8 sin/cos pairs per position
 
 
+def test_sincos_pos_embed_puts_the_row_first_as_mocov3():
+    """MoCo v3's vits.py (and SDSSL's copy): the first dim/4 channels of patch (row r, column c) are sin(r omega),
+    the next dim/4 cos(r omega), then sin and cos of c omega; patches are numbered row by row."""
+    grid, dim = 3, 16
+    pe = sincos_pos_embed(grid, dim)[0, 1:]
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    for r in range(grid):
+        for c in range(grid):
+            expected = torch.cat([(r * omega).sin(), (r * omega).cos(), (c * omega).sin(), (c * omega).cos()])
+            assert torch.equal(pe[r * grid + c], expected), (r, c)
+
+
 @pytest.mark.parametrize("kwargs, call", [
     (dict(name="vit_small"), 'timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)'),
     (dict(name="vit_small", num_heads=6), 'timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=6)'),
