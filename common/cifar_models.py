@@ -14,11 +14,9 @@ its state dicts load as they are (strict). The init is RepDistiller's too (per f
 `model(x)` returns logits; `model(x, features=True)` returns `Features`, collected in the forward pass itself (no
 hooks, so it behaves the same under DDP and autocast). With num_classes=0 the model is headless (no classifier):
 `model(x)` returns the pooled feature (B, embed_dim), the backbone the SSL scripts train. `model.feat_modules()`:
-RepDistiller's `get_feat_modules()`, the backbone modules FSP's and AB's init stage trains. `load_teacher`: a frozen
-distillation teacher from a checkpoint (ours or RepDistiller's).
+RepDistiller's `get_feat_modules()`, the backbone modules FSP's and AB's init stage trains.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import ConfigError
-from common.log import print0
 
 
 @dataclass
@@ -564,36 +561,6 @@ def build_cifar_model(name, num_classes=100):
         raise ConfigError(f"unknown CIFAR model '{name}'; choose one of {list(CIFAR_MODELS)}")
     cls, kwargs = CIFAR_MODELS[name]
     return cls(num_classes=num_classes, **kwargs)
-
-
-def load_teacher(path, name, num_classes, device, channels_last=False):
-    """A frozen distillation teacher: zoo model `name` with the weights of `path` (ifacd_distill.py's last.pt, or a
-    bare state dict / RepDistiller's {'model': state_dict}), strict, in eval mode and without gradients."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"teacher checkpoint {path} does not exist; train the teacher with "
-                          f"`--distill none --student {name}` (scripts/run_table.py ifacd does it)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"teacher checkpoint {path} is unreadable ({type(e).__name__})") from None
-    if isinstance(blob, dict) and "format" in blob:  # ifacd_distill.py's checkpoint: the student part of `model`
-        trained = blob.get("config", {}).get("student")
-        if trained != name:
-            held = f"a {trained}" if trained else "no ifacd_distill.py model"
-            raise ConfigError(f"teacher checkpoint {path} holds {held}, not --teacher {name}")
-        if blob["epoch"] < blob["config"]["epochs"]:
-            print0(f"warning: the teacher in {path} stopped at epoch {blob['epoch']} of {blob['config']['epochs']}")
-        blob = {k[len("student."):]: v for k, v in blob["model"].items() if k.startswith("student.")}
-    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
-        blob = blob["model"]
-    teacher = build_cifar_model(name, num_classes)
-    try:
-        teacher.load_state_dict(blob)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        detail = str(e).splitlines()[0][:200]
-        raise ConfigError(f"teacher checkpoint {path} does not fit {name}: {detail}") from None
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    return teacher.requires_grad_(False).eval().to(device, memory_format=memory_format)
 
 
 @torch.no_grad()

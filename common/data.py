@@ -225,33 +225,6 @@ def num_classes(dataset):
     return len(dataset.classes)
 
 
-class DistillSet(Dataset):
-    """Training items (image, label, index, sample). `sample` is CRD's (RepDistiller `CIFAR100InstanceSample`):
-    1 + K dataset indices, the positive first, then K other-class images, uniform without replacement (with
-    replacement if fewer than K exist); an empty tensor when K = 0. The positive is the image itself (mode 'exact')
-    or, with relax=True, a uniformly drawn image of its class (mode 'relax'; possibly itself). Uses torch's RNG,
-    reseeded every epoch."""
-
-    def __init__(self, base, k, relax=False):
-        self.base, self.k, self.relax = base, k, relax
-        self.order = torch.argsort(base.labels, stable=True)  # dataset indices grouped by class
-        self.count = torch.bincount(base.labels)
-        self.start = torch.cumsum(self.count, 0) - self.count  # class c occupies order[start[c]:start[c]+count[c]]
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        if not self.k:
-            return x, y, i, torch.empty(0, dtype=torch.long)
-        start, count = int(self.start[y]), int(self.count[y])
-        positive = self.order[start + torch.randint(count, (1,))] if self.relax else torch.tensor([i])
-        m = len(self.order) - count  # number of other-class images
-        j = torch.randperm(m)[:self.k] if self.k <= m else torch.randint(m, (self.k,))
-        return x, y, i, torch.cat([positive, self.order[j + count * (j >= start)]])  # past class y's block: skip it
-
-
 class Indexed(Dataset):
     """Wraps a dataset so that items are (x, y, index): evaluation gathers features by sample index."""
 

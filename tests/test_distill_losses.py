@@ -89,7 +89,8 @@ def test_hint_loss_matches_naive(pair):
     s, t = pair_features(pair)
     s_shapes, t_shapes = shapes_of(pair.split("-")[1]), shapes_of(pair.split("-")[0])
     torch.manual_seed(0)
-    reg = L.build_head("hint", s_shapes, t_shapes, hint_layer=2).double()
+    cfg = config.parse(M.Config, ["--hint_layer", "2"])
+    reg = L.FitNet(s_shapes, t_shapes, cfg, 0).head.double()
     assert reg.conv.kernel_size == (1, 1)
     f_s, f_t = reg(s, t)
     assert f_s.shape == f_t.shape == (B, *t_shapes.stages[2][1:])
@@ -141,7 +142,8 @@ def test_correlation_loss_matches_naive(pair):
     """Through CC's two embeddings of the pooled features (Linear to 128, no normalisation)."""
     s, t = pair_features(pair)
     torch.manual_seed(0)
-    embed = L.build_head("correlation", shapes_of(pair.split("-")[1]), shapes_of(pair.split("-")[0])).double()
+    s_shapes, t_shapes = shapes_of(pair.split("-")[1]), shapes_of(pair.split("-")[0])
+    embed = L.CC(s_shapes, t_shapes, M.Config(), 0).head.double()
     e_s, e_t = embed(s, t)
     naive_s = torch.stack([embed.embed_s.weight @ s.pooled[i] + embed.embed_s.bias for i in range(B)])
     naive_t = torch.stack([embed.embed_t.weight @ t.pooled[i] + embed.embed_t.bias for i in range(B)])
@@ -171,7 +173,8 @@ def naive_vid(head, g_s, g_t):
 def test_vid_loss_matches_naive(pair):
     s, t = pair_features(pair)
     torch.manual_seed(0)
-    head = L.build_head("vid", shapes_of(pair.split("-")[1]), shapes_of(pair.split("-")[0])).double()
+    s_shapes, t_shapes = shapes_of(pair.split("-")[1]), shapes_of(pair.split("-")[0])
+    head = L.VID(s_shapes, t_shapes, M.Config(), 0).head.double()
     assert len(head.regressors) == len(s.stages[1:])
     with torch.no_grad():  # move the variances away from their common initial value
         for theta in head.log_scale:
@@ -292,7 +295,8 @@ def test_unequal_map_sizes_are_pooled_to_the_smaller():
 
 def test_bad_hint_layer_is_a_config_error():
     with pytest.raises(ConfigError, match=r"hint_layer=4: choose 0\.\.3"):
-        L.build_head("hint", shapes_of("resnet20"), shapes_of("resnet56"), hint_layer=4)
+        cfg = config.parse(M.Config, ["--hint_layer", "4"])
+        L.FitNet(shapes_of("resnet20"), shapes_of("resnet56"), cfg, 0)
 
 
 # ---------------------------------- one training step of every method, every pair ----------------------------------
@@ -314,14 +318,16 @@ def test_every_method_trains_one_step_on_every_pair(process_group, pair):
         student = build_cifar_model(s_name, 10)
         if method in ("fsp", "kdsvd") and pair == "wrn_40_2-wrn_40_1":  # 32 vs 64 channels: RepDistiller's 0.00
             with pytest.raises(ConfigError, match="channels"):
-                M.build_heads(cfg, student, teacher), M.build_loss_state(cfg, student, teacher, len(base))
+                M.build_method(cfg, student, teacher, len(base))
             continue
-        model = M.Distiller(student, M.build_heads(cfg, student, teacher))
-        state = M.build_loss_state(cfg, student, teacher, len(base))
-        loader = data.train_loader(data.DistillSet(base, 4 if method == "crd" else 0), 4, process_group, 0, seed=0)
+        built = M.build_method(cfg, student, teacher, len(base))
+        model, state = M.Distiller(student, built.head), built.state or torch.nn.Module()
+        train_set = L.DistillSet(base, 4 if method == "crd" else 0)
+        loader = data.train_loader(train_set, 4, process_group, 0, seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         scaler = M.optim.grad_scaler("none", process_group.device)
-        step, row = M.train_one_epoch(model, teacher, state, loader, optimizer, scaler, cfg, process_group, 0, 0, 1e-3)
+        step, row = M.train_one_epoch(model, teacher, built, state, loader, optimizer, scaler, cfg,
+                                      process_group, 0, 0, 1e-3)
         assert step == 1 and math.isfinite(row["loss"]) and row["kl"] > 0, (method, row)
         # KD's term is the KL term; AB's and FSP's live in the init stage (RepDistiller's main-loop loss_kd = 0)
         assert (row["distill"] > 0) == (method not in ("kd", "abound", "fsp")), (method, row)

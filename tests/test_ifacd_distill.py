@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from common import config, data, dist
-from common.cifar_models import build_cifar_model, load_teacher
+from common.cifar_models import build_cifar_model
 from conftest import ROOT, assert_same_tensors, launch, load_ckpt, read_log
 
+import distill_losses
 import ifacd_distill as M
 
 PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
@@ -106,13 +107,13 @@ def naive_crd(v_s, v_t, bank_s, bank_t, idx, neg, tau, z=None):
 def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
     torch.manual_seed(0)
     N, D, B, K, tau = 10, 4, 3, 4, 0.07
-    memory = M.CRDMemory(N, D, momentum=0.5)
+    memory = distill_losses.CRDMemory(N, D, momentum=0.5)
     bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
     v_s = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
     v_t = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
     idx, neg = torch.tensor([0, 4, 7]), torch.randint(0, N, (B, K))
     sample = torch.cat([idx[:, None], neg], dim=1)  # the positive (the image itself), then the negatives
-    ours = M.crd_loss(v_s, v_t, memory, sample, tau)
+    ours = distill_losses.crd_loss(v_s, v_t, memory, sample, tau)
     naive, z = naive_crd(v_s, v_t, bank_s, bank_t, idx.tolist(), neg, tau)
     assert torch.allclose(ours, naive, rtol=1e-5)
     assert torch.allclose(memory.z, torch.stack(z))
@@ -127,7 +128,7 @@ def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
     assert torch.equal(memory.bank_s[rest], bank_s[rest])
     # Z stays fixed after the first batch.
     z_first = memory.z.clone()
-    second = M.crd_loss(v_s, v_t, memory, sample, tau)
+    second = distill_losses.crd_loss(v_s, v_t, memory, sample, tau)
     assert torch.equal(memory.z, z_first)
     naive2, _ = naive_crd(v_s, v_t, memory.bank_s, memory.bank_t, idx.tolist(), neg, tau, z=tuple(z_first))
     assert torch.allclose(second, naive2, rtol=1e-5)
@@ -138,13 +139,13 @@ def test_crd_sampler_draws_other_class_negatives():
     base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
     torch.manual_seed(0)
     for k, distinct in ((6, True), (9, False)):  # class 0 has 7 other-class images: 9 > 7 draws with replacement
-        ds = data.DistillSet(base, k)
+        ds = distill_losses.DistillSet(base, k)
         for i in range(10):
             _, y, index, sample = ds[i]
             pos, neg = sample[0], sample[1:]
             assert index == i == pos and neg.shape == (k,) and (labels[neg] != y).all()  # exact: the positive is i
             assert (len(set(neg.tolist())) == k) == distinct or y == 3
-    assert data.DistillSet(base, 0)[3][3].numel() == 0
+    assert distill_losses.DistillSet(base, 0)[3][3].numel() == 0
 
 
 def test_crd_relax_mode_draws_the_positive_from_the_class():
@@ -152,7 +153,7 @@ def test_crd_relax_mode_draws_the_positive_from_the_class():
     the negatives are drawn as in exact mode."""
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
     base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
-    ds = data.DistillSet(base, 4, relax=True)
+    ds = distill_losses.DistillSet(base, 4, relax=True)
     torch.manual_seed(0)
     positives = torch.stack([ds[0][3][0] for _ in range(600)])  # class 0 = images 0, 3, 6
     assert set(positives.tolist()) == {0, 3, 6}
@@ -173,8 +174,9 @@ def test_parameter_counts_reproduce_the_slides_table():
         for row in SLIDES_PARAMS:
             method, layers = ("ifacd", row[-1]) if row.startswith("ifacd") else (row, "2")
             cfg = cfg_of("--distill", method, "--ifacd_layers", layers, "--teacher", t_name, "--student", s_name)
-            ours, slides = M.param_counts(M.Distiller(student, M.build_heads(cfg, student, teacher)), teacher,
-                                          torch.nn.Module(), method)
+            head = M.build_method(cfg, student, teacher, 8).head
+            ours, slides = M.param_counts(M.Distiller(student, head), teacher, torch.nn.Module(),
+                                          method)
             assert round(slides / 1e6, 2) == SLIDES_PARAMS[row][col], (row, pair, slides)
             if pair == PAIRS[0] and row in ("ifacd1", "crd"):
                 once = (ours + sum(p.numel() for p in teacher.parameters())) / 1e6
@@ -184,7 +186,7 @@ def test_parameter_counts_reproduce_the_slides_table():
 def test_ifacd_head_picks_the_last_teacher_layers():
     cfg = cfg_of("--distill", "ifacd", "--ifacd_layers", "3", "--teacher", "wrn_40_2", "--student", "resnet8")
     teacher, student = build_cifar_model("wrn_40_2").eval(), build_cifar_model("resnet8")
-    heads = M.build_heads(cfg, student, teacher).eval()
+    heads = M.build_method(cfg, student, teacher, 8).head.eval()
     x = torch.randn(2, 3, 32, 32)
     t, s = teacher(x, features=True), student(x, features=True)
     z = heads(s, t)
@@ -202,13 +204,16 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient(process_group, cifa
     ctx = dist.setup("cpu")
     torch.manual_seed(0)
     teacher = build_cifar_model("resnet8").requires_grad_(False).eval()
-    model = M.Distiller(build_cifar_model("resnet8"), M.build_heads(cfg, build_cifar_model("resnet8"), teacher))
+    student = build_cifar_model("resnet8")
+    method = M.build_method(cfg, build_cifar_model("resnet8"), teacher, 8)
+    model = M.Distiller(student, method.head)
     before_t, before_s = [{k: v.clone() for k, v in m.state_dict().items()} for m in (teacher, model)]
     base = data.build_dataset("cifar100", cifar_root, "train", M.augment.linear_train_transform(32))
-    loader = data.train_loader(data.DistillSet(base, 0), 8, ctx, 0, seed=0)
+    loader = data.train_loader(distill_losses.DistillSet(base, 0), 8, ctx, 0, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step, row = M.train_one_epoch(dist.ddp(model, ctx), teacher, torch.nn.Module(), loader, optimizer,
-                                  M.optim.grad_scaler("none", ctx.device), cfg, ctx, 0, 0, 0.1)
+    scaler = M.optim.grad_scaler("none", ctx.device)
+    step, row = M.train_one_epoch(dist.ddp(model, ctx), teacher, method, torch.nn.Module(), loader,
+                                  optimizer, scaler, cfg, ctx, 0, 0, 0.1)
     assert step == 2 and math.isfinite(row["loss"]) and row["distill"] > 0 and row["kl"] > 0
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
     assert_same_tensors(before_t, teacher.state_dict())
@@ -316,9 +321,9 @@ import ifacd_distill as M
 dist.cleanup = lambda: None  # one process group for every run of this process
 seen = {}
 init_epoch = M.train_init_epoch
-def spy(model, teacher, state, *args):  # keep the init stage's modules to compare the ranks afterwards
-    seen.update(model=model, state=state)
-    return init_epoch(model, teacher, state, *args)
+def spy(model, teacher, method, *args):  # keep the init stage's modules to compare the ranks later
+    seen.update(model=model, state=method.state or torch.nn.Module())
+    return init_epoch(model, teacher, method, *args)
 M.train_init_epoch = spy
 for name, argv in RUNS:
     seen.clear()
@@ -364,14 +369,14 @@ def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, tmp_pat
 BANK_CHECK = """
 import torch, torch.nn.functional as F
 from common import dist
-import ifacd_distill as M
+import distill_losses
 ctx = dist.setup("cpu")
 torch.manual_seed(0)
-memory = M.CRDMemory(20, 4, 0.5)
+memory = distill_losses.CRDMemory(20, 4, 0.5)
 torch.manual_seed(1 + ctx.rank)  # each rank its own batch
 v_s, v_t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
 idx, neg = torch.arange(3) + 3 * ctx.rank, torch.randint(0, 20, (3, 5))
-M.crd_loss(v_s, v_t, memory, torch.cat([idx[:, None], neg], dim=1), 0.07)
+distill_losses.crd_loss(v_s, v_t, memory, torch.cat([idx[:, None], neg], dim=1), 0.07)
 memory.update(dist.gather(v_s), dist.gather(v_t), dist.gather(idx))
 state = dist.gather(torch.cat([memory.bank_s.flatten(), memory.bank_t.flatten(), memory.z])[None])
 assert torch.equal(state[0], state[1]), "the ranks' CRD banks or Z differ"
@@ -427,7 +432,7 @@ def test_teacher_loads_from_a_bare_state_dict(tmp_path):
     torch.save({"model": model.state_dict(), "epoch": 240}, tmp_path / "repdistiller.pt")  # RepDistiller's layout
     for name in ("bare.pt", "repdistiller.pt"):
         cfg = cfg_of("--distill", "kd", "--teacher", "resnet8", "--teacher_ckpt", str(tmp_path / name))
-        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher, 100, torch.device("cpu"))
+        teacher = M.load_teacher(cfg.teacher_ckpt, cfg.teacher, 100, torch.device("cpu"))
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert_same_tensors(teacher.state_dict(), model.state_dict())
 
@@ -508,7 +513,7 @@ def test_crd_memory_update_keeps_momentum_on_the_bank():
     """RepDistiller's ContrastMemory: bank[idx] <- normalise(m * bank[idx] + (1 - m) * v), other rows untouched.
     At m = 0.9 (not the default 0.5, where swapping m and 1 - m changes nothing)."""
     torch.manual_seed(0)
-    memory = M.CRDMemory(6, 4, momentum=0.9)
+    memory = distill_losses.CRDMemory(6, 4, momentum=0.9)
     bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
     v_s, v_t = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
     idx = torch.tensor([1, 4])

@@ -42,7 +42,7 @@ def shapes(maps):
 
 
 def with_stages(maps):
-    """Features holding only `stages` (what Translator, build_head and baseline_loss read here)."""
+    """Features holding only `stages` (what Translator and KDSVD read here)."""
     return Features(maps, None, None, None, None)
 
 
@@ -151,10 +151,9 @@ def test_paraphraser_and_translator_shapes_on_real_pairs(names):
     paraphraser = L.Paraphraser(f_t.shape).double()
     translator = L.Translator(f_s.shape, f_t.shape).double()
     half = f_t.shape[1] // 2
-    factor, rec = paraphraser(f_t)
+    factor, rec = paraphraser.factor(f_t), paraphraser.reconstruct(f_t)
     assert factor.shape == (B, half, *f_t.shape[2:]) and rec.shape == f_t.shape
-    assert torch.equal(paraphraser(f_t, is_factor=True), factor) and torch.equal(paraphraser.factor(f_t), factor)
-    assert torch.equal(paraphraser.reconstruct(f_t), rec)
+    assert torch.equal(paraphraser.decoder(factor), rec)
     assert L.reconstruction_loss(rec, f_t).item() > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in paraphraser.modules())
     assert [n for n, _ in paraphraser.named_parameters() if n.endswith("weight")] == [
@@ -167,7 +166,8 @@ def test_paraphraser_and_translator_shapes_on_real_pairs(names):
         assert all(type(m) is torch.nn.LeakyReLU and m.negative_slope == 0.1 for m in stack[2::3])
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in translator.modules()) == 3
     assert translator.encoder[3].weight.shape[:2] == (half, f_s.shape[1])
-    assert translator(s, t).shape == (B, half, *f_s.shape[2:])
+    factor_s, target = translator(s, t)
+    assert factor_s.shape == (B, half, *f_s.shape[2:]) and target is t.stages[-1]
 
 
 def naive_factor(f_s, f_t):
@@ -190,7 +190,7 @@ def test_factor_loss_matches_naive(names):
     torch.manual_seed(0)
     translator = L.Translator(f_s.shape, t.stages[-1].shape).double()
     paraphraser = L.Paraphraser(t.stages[-1].shape).double()
-    factor_s = translator(with_stages([f_s]), t)
+    factor_s, _ = translator(with_stages([f_s]), t)
     with torch.no_grad():
         factor_t = paraphraser.factor(t.stages[-1])
     ours = L.factor_loss(factor_s, factor_t)
@@ -334,12 +334,12 @@ def test_kdsvd_wiring_and_analytic():
     whatever their sign or scale, so a student equal to the teacher up to a factor costs nothing."""
     s, t = pair("resnet32x4-resnet8x4")
     s_shapes, t_shapes = (with_stages(shapes(f.stages)) for f in (s, t))
-    assert "kdsvd" in L.BASELINES and L.build_head("kdsvd", s_shapes, t_shapes) is None
+    assert L.METHODS["kdsvd"] is L.KDSVD and L.KDSVD(s_shapes, t_shapes, None, 0).head is None
     for names in ("wrn_40_2-wrn_40_1", "resnet32x4-ShuffleV1"):
         a, b = pair(names)
         with pytest.raises(ConfigError, match="kdsvd: the student's and the teacher's channel counts differ"):
-            L.build_head("kdsvd", with_stages(shapes(a.stages)), with_stages(shapes(b.stages)))
-    ours = L.baseline_loss("kdsvd", s, t, None)
+            L.KDSVD(with_stages(shapes(a.stages)), with_stages(shapes(b.stages)), None, 0)
+    ours = L.KDSVD(s_shapes, t_shapes, None, 0).loss(s, t, None, None, None)
     assert ours.dtype == torch.float32
     expected = L.kdsvd_loss([f.float() for f in s.stages[1:]], [f.float() for f in t.stages[1:]])
     assert torch.equal(ours, expected)
