@@ -175,7 +175,7 @@ def train_one_epoch(model_ddp, views, model, target, loader, optimizer, scaler, 
                     total_steps):
     model_ddp.train()
     target.train()  # the target's BN uses batch statistics too
-    meter = log.Meter()
+    meter, out_std = log.Meter(), log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Sec. 3.3: 0.2 x BatchSize/256)
     warmup_steps = cfg.warmup_epochs * progress.total
@@ -194,10 +194,12 @@ def train_one_epoch(model_ddp, views, model, target, loader, optimizer, scaler, 
         tau = schedules.ema_momentum(step, total_steps, cfg.base_momentum)
         ema_update(target, model, tau)
         meter.update(loss, step)
+        out_std.update(log.output_std(z1), step)  # collapse monitor, on the target projections
         progress.log(i, step, meter, lr=lr, tau=tau)
         step += 1
     meter.check()
-    return step, {"loss": meter.global_avg(), "lr": lr, "tau": tau, **progress.stats()}
+    return step, {"loss": meter.global_avg(), "lr": lr, "tau": tau, "out_std": out_std.global_avg(),
+                  **progress.stats()}
 
 
 def main():

@@ -177,7 +177,7 @@ def train_one_epoch(model_ddp, views, model, momentum_encoder, loader, optimizer
                     total_steps):
     model_ddp.train()
     momentum_encoder.train()  # keys use batch statistics in BN, as in the official code (one model.train())
-    meter = log.Meter()
+    meter, out_std = log.Meter(), log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Sec. 5: lr x BatchSize/256)
     warmup_steps = cfg.warmup_epochs * progress.total
@@ -198,10 +198,12 @@ def train_one_epoch(model_ddp, views, model, momentum_encoder, loader, optimizer
         m = schedules.ema_momentum(step + 1, total_steps, cfg.base_momentum)
         ema_update(momentum_encoder, model, m)
         meter.update(loss, step)
+        out_std.update(log.output_std(k1), step)  # collapse monitor, on the keys
         progress.log(i, step, meter, lr=lr, m=m)
         step += 1
     meter.check()
-    return step, {"loss": meter.global_avg(), "lr": lr, "momentum": m, **progress.stats()}
+    return step, {"loss": meter.global_avg(), "lr": lr, "momentum": m, "out_std": out_std.global_avg(),
+                  **progress.stats()}
 
 
 def main():

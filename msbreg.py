@@ -206,12 +206,6 @@ def msbreg_loss(p, z, n, lambda_s=4e-3, lambda_b=0.5, centroid="all"):
 
 
 @torch.no_grad()
-def embed_std(z):
-    """Collapse indicator (SimSiam Sec. 4.1): std over the batch of each dimension of the L2-normalised embeddings,
-    averaged over dimensions and views. z: (K, B, D). About 1/sqrt(D) when healthy, 0 when collapsed."""
-    return F.normalize(z.float(), dim=-1).std(dim=1).mean()
-
-
 @torch.no_grad()
 def ema_update(target, online, tau):
     """xi <- tau xi + (1 - tau) theta for every target parameter (Sec. 3.1). The target's BN running statistics are
@@ -244,7 +238,7 @@ def check(cfg):
 
 # ================================================== training ==================================================
 
-METRICS = ("loss", "loss_c", "loss_s", "loss_b", "embed_std", "pred_std")
+METRICS = ("loss", "loss_c", "loss_s", "loss_b", "embed_std", "pred_std", "out_std")
 
 
 def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx, epoch, step,
@@ -273,7 +267,9 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
         loss, parts = msbreg_loss(p, z, noise, cfg.lambda_s, cfg.lambda_b, cfg.centroid)
         optim.step(loss, optimizer, scaler)
         ema_update(target, model, tau)  # Sec. 3.1: xi_{t+1} = tau_t xi_t + (1 - tau_t) theta_t after the step
-        values = {"loss": loss, **parts, "embed_std": embed_std(z_online), "pred_std": embed_std(p)}
+        # collapse monitors (log.output_std): online projections, predictions and the targets (out_std)
+        values = {"loss": loss, **parts, "embed_std": log.output_std(z_online), "pred_std": log.output_std(p),
+                  "out_std": log.output_std(z)}
         for name, value in values.items():
             meters[name].update(value, step)
         progress.log(i, step, meters["loss"], lr=lr, tau=tau)

@@ -341,7 +341,7 @@ def train_one_epoch(model_ddp, views, model, teacher, loader, optimizer, scaler,
     model_ddp.train()
     if teacher is not None:
         teacher.train()  # BN on batch statistics, as the student
-    meters = {name: log.Meter() for name in ("loss", "ssl", "isd", "pred")}
+    meters = {name: log.Meter() for name in ("loss", "ssl", "isd", "pred", "out_std")}
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (MoCo v3)
     for i, (images, _) in enumerate(progress):
@@ -362,7 +362,8 @@ def train_one_epoch(model_ddp, views, model, teacher, loader, optimizer, scaler,
         m = schedules.ema_momentum(step, total_steps, cfg.base_momentum)
         if teacher is not None:  # the teacher moves right after the student's update (authors' code; BYOL Sec. 3.1)
             ema_update(teacher, model, m)
-        for name, value in [("loss", loss)] + list(terms.items()):
+        target = teacher_out[0] if teacher_out else student_out[0][0][-1]  # z_L of view 1 (SimCLR: h_L)
+        for name, value in [("loss", loss), ("out_std", log.output_std(target))] + list(terms.items()):
             meters[name].update(value, step)
         progress.log(i, step, meters["loss"], lr=lr, alpha=alpha)
         step += 1

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import augment, checkpoint, config, data, dist, log, models, optim, schedules
-from common.config import arg
+from common.config import ConfigError, arg
 from common.log import print0
 from eval.knn import KNNMonitor
 
@@ -63,6 +63,8 @@ class Config:
     base: str = arg("simsiam", "simsiam (online targets) or byol (momentum-encoder targets)",
                     choices=("simsiam", "byol"))
     gsg: bool = arg(True, "guided stop-gradient on 4 views (Alg. 1); false = the base method on 2 views")
+    stop_grad: bool = arg(True, "stop-gradient on the targets; false = SimSiam's ablation (Sec. 4.1, Fig. 2), "
+                                "which collapses (base simsiam, gsg false)")
     ema_momentum: float = arg(0.99, "BYOL target momentum m, constant (gsg/builder.py: 0.99)")
     # model
     arch: str = arg("resnet50", "backbone (C.1: resnet50; C.2: resnet18, CIFAR stem)", choices=models.ARCHS)
@@ -139,11 +141,12 @@ def partner_views(views):
     return [x11, x12, x21[r], x22[r]], r
 
 
-def simsiam_loss(p, z):
+def simsiam_loss(p, z, stop_grad=True):
     """D(p, z) = -cos(p, sg(z)), averaged over the batch (SimSiam Eq. 1-2). p, z: (n, D) -> scalar, dtype of p.
 
-    The stop-gradient is applied here (`z.detach()`), so callers may pass targets that carry a graph."""
-    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+    The stop-gradient is applied here (`z.detach()`), so callers may pass targets that carry a graph;
+    stop_grad=False is the ablation of SimSiam's Fig. 2 (the gradient also flows through z)."""
+    return -F.cosine_similarity(p, z.detach() if stop_grad else z, dim=-1).mean()
 
 
 def gsg_loss(p11, p12, p21, p22, z11, z12, z21, z22):
@@ -185,7 +188,7 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
     model_ddp.train()
     if target is not None:
         target.train()  # the authors' momentum encoder is a submodule of the training model: BN on batch statistics
-    meter = log.Meter()
+    meter, out_std = log.Meter(), log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
     # SimSiam's adjust_learning_rate: cosine over EPOCHS (constant within an epoch), no warmup by default; the
     # predictor group (fixed_lr) keeps the peak lr. Linear scaling rule: lr = base x B / 256.
@@ -208,14 +211,15 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
         z, p = [t.float() for t in z], [t.float() for t in p]  # the loss in float32 (normalisation under bf16)
         if cfg.gsg:
             loss = gsg_loss(*p, *z)  # p11, p12, p21, p22, z11, z12, z21, z22
-        else:
-            loss = 0.5 * (simsiam_loss(p[0], z[1]) + simsiam_loss(p[1], z[0]))  # SimSiam Alg. 1, symmetric
+        else:  # SimSiam Alg. 1, symmetric
+            loss = 0.5 * (simsiam_loss(p[0], z[1], cfg.stop_grad) + simsiam_loss(p[1], z[0], cfg.stop_grad))
         optim.step(loss, optimizer, scaler)
         meter.update(loss, step)
+        out_std.update(log.output_std(z[0]), step)  # collapse monitor (SimSiam Fig. 2), on the targets' side
         progress.log(i, step, meter, lr=lr)
         step += 1
     meter.check()
-    return step, {"loss": meter.global_avg(), "lr": lr, **progress.stats()}
+    return step, {"loss": meter.global_avg(), "lr": lr, "out_std": out_std.global_avg(), **progress.stats()}
 
 
 def param_groups(model, cfg, peak_lr):
@@ -231,6 +235,9 @@ def param_groups(model, cfg, peak_lr):
 def main():
     # ----- config and distributed setup -----
     cfg = config.parse(Config, description=__doc__.splitlines()[0])
+    if not cfg.stop_grad and (cfg.base != "simsiam" or cfg.gsg):
+        raise ConfigError("--stop_grad false is SimSiam's ablation: it needs --base simsiam --gsg false (BYOL's "
+                          "targets come from a momentum encoder, which has no gradient to stop)")
     ctx = dist.setup(cfg.device)
     batch_per_rank = dist.per_rank(cfg.batch_size, ctx.world_size)
     log.start(cfg, ctx)

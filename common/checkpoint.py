@@ -115,6 +115,36 @@ def load_backbone(path, which="auto"):
     return backbone, cfg, resolve_which(blob, which)
 
 
+def load_projector(path, which="auto"):
+    """The projection head g of a checkpoint (`projector.*` of `model` or `teacher`), rebuilt from its weights as
+    common.models.mlp lays it out: Linear, BatchNorm1d (affine or not, as the state dict shows), ReLU, ..., Linear
+    (, BatchNorm1d). For probing g(h) instead of h (SimCLR Sec. 4.2, Fig. 8). Heads with LayerNorms are refused."""
+    blob = load(path)
+    which = resolve_which(blob, which)
+    state = {k[len("projector."):]: v for k, v in blob.get(which, {}).items() if k.startswith("projector.")}
+    if not state:
+        raise ConfigError(f"the checkpoint's '{which}' has no projector.* weights (no projection head to probe)")
+    params = {}  # Sequential index -> {name: tensor}; indices without state are the ReLUs
+    for key, value in state.items():
+        index, name = key.split(".", 1)
+        params.setdefault(int(index), {})[name] = value
+    layers = []
+    for i in range(max(params) + 1):
+        p = params.get(i)
+        if p is None:
+            layers.append(torch.nn.ReLU())
+        elif p.get("weight") is not None and p["weight"].dim() == 2:
+            layers.append(torch.nn.Linear(p["weight"].shape[1], p["weight"].shape[0], bias="bias" in p))
+        elif "running_mean" in p:
+            layers.append(torch.nn.BatchNorm1d(len(p["running_mean"]), affine="weight" in p))
+        else:
+            raise ConfigError(f"projector layer {i} of {path} is not a Linear or a BatchNorm1d (LayerNorm heads "
+                              f"cannot be probed)")
+    head = torch.nn.Sequential(*layers)
+    head.load_state_dict(state)
+    return head
+
+
 def save_epoch(ctx, output_dir, epoch, step, config, save_every=0, evaluate="model", **states):
     """End-of-epoch checkpoint: rank 0 writes last.pt atomically (and epoch_XXXX.pt every `save_every` epochs),
     then every rank waits. `epoch` is the number of finished epochs, i.e. the epoch a resume starts at; `evaluate`

@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import config
@@ -46,6 +47,14 @@ def end_epoch(output_dir, epoch, step, row):
     """The epoch's line on rank 0 and its row in output_dir/log.jsonl."""
     print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
     append_jsonl(os.path.join(output_dir, "log.jsonl"), {"epoch": epoch, "step": step, **row})
+
+
+def output_std(z):
+    """The collapse monitor every SSL script logs as `out_std` (SimSiam Sec. 4.1, Fig. 2): the std over the batch of
+    each channel of the L2-normalised outputs, averaged over channels (and over any leading dims). z: (..., n, D),
+    the projections the loss compares with (the targets' side). About 1/sqrt(D) when the outputs spread over the
+    sphere, 0 when they have collapsed to one vector. On the device: no host sync."""
+    return F.normalize(z.detach().float(), dim=-1).std(dim=-2).mean()
 
 
 class Meter:

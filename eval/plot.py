@@ -1,10 +1,11 @@
-"""Training curves from log.jsonl files: the loss and the k-NN monitor's top-1 per epoch, one curve per run.
+"""Training curves from log.jsonl files: the loss, the k-NN monitor's top-1 and the collapse monitor per epoch.
 
     python -m eval.plot out/run_a/log.jsonl out/run_b/log.jsonl -o curves.png
     python -m eval.plot out/run_a out/run_b -o curves.png          # a run directory stands for its log.jsonl
 
-Two panels side by side: `loss` and `knn_top1` (written every `eval_every` epochs; runs without it are left out of
-that panel) against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch). Each run is
+Panels side by side: `loss`, `knn_top1` (written every `eval_every` epochs; runs without it are left out of that
+panel) and, when a log has it, `out_std` (common.log.output_std: 1/sqrt(D) healthy, 0 collapsed), against `epoch`
+as log.jsonl numbers it (0 = the row written after the first epoch). Each run is
 labelled by its directory's name, or by as many trailing path parts as it takes to tell the runs apart
 (out/simclr/seed0 and out/byol/seed0 become simclr/seed0 and byol/seed0).
 
@@ -49,11 +50,15 @@ def run_labels(paths):
 
 
 def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)", title=""):
-    """runs: {label: [log.jsonl rows]}. Writes a PNG with the loss (left) and `knn_top1` (right) against row[x]."""
+    """runs: {label: [log.jsonl rows]}. Writes a PNG with the loss, `knn_top1` and, if logged, `out_std` against
+    row[x]."""
     plt = pyplot()
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.8))
+    std = any("out_std" in r for rows in runs.values() for r in rows)
+    fig, axes = plt.subplots(1, 3 if std else 2, figsize=(15 if std else 10, 3.8))
+    ax_loss, ax_knn = axes[:2]
+    panels = [(ax_loss, "loss"), (ax_knn, "knn_top1")] + ([(axes[2], "out_std")] if std else [])
     for label, rows in runs.items():
-        for ax, key in ((ax_loss, "loss"), (ax_knn, "knn_top1")):
+        for ax, key in panels:
             points = [(r[x], r[key]) for r in rows if key in r]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=label)
@@ -62,7 +67,9 @@ def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)
                     transform=ax_knn.transAxes)
     ax_loss.set(xlabel=xlabel, ylabel="training loss", title="loss")
     ax_knn.set(xlabel=xlabel, ylabel=knn_label, title="k-NN monitor")
-    for ax in (ax_loss, ax_knn):
+    if std:
+        axes[2].set(xlabel=xlabel, ylabel="std of the L2-normalised output", title="collapse monitor (out_std)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         if x == "epoch":  # whole epochs only, no 0.5 ticks
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

@@ -93,3 +93,34 @@ def test_linear_probe_leaves_a_batchnorm_backbone_unchanged(process_group, image
     backbone.train()(torch.randn(4, 3, 32, 32))  # what a probe that forgot eval() would do
     with pytest.raises(AssertionError, match="running_mean changed"):
         linear.assert_unchanged(backbone, before)
+
+
+def test_head_probe_rebuilds_the_projection_head(process_group, tmp_path, monkeypatch):
+    """eval.frozen --head true probes g(h) (SimCLR Fig. 8): the head rebuilt from the checkpoint's weights computes
+    exactly what the trained model computed, and a LayerNorm head is refused with a clear error."""
+    import json
+
+    import simclr
+    from common import checkpoint, config, dist
+    from common.config import ConfigError
+    from eval import frozen
+    cfg = config.parse(simclr.Config, ["--arch", "resnet8", "--dataset", "fake", "--proj_hidden_dim", "16",
+                                       "--proj_dim", "8", "--proj_layers", "3"])
+    torch.manual_seed(0)
+    model = simclr.build_model(cfg, 32)
+    model.train()(torch.randn(16, 3, 32, 32))  # BN running statistics that are not the init's
+    path = str(tmp_path / "last.pt")
+    checkpoint.save(path, 1, 2, config.to_dict(cfg), model=model)
+    backbone, _, _ = checkpoint.load_backbone(path)
+    head = checkpoint.load_projector(path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(head.eval()(backbone.eval()(x)), model.eval()(x))
+    monkeypatch.setattr(dist, "cleanup", lambda: None)  # keep the session's process group
+    frozen.main(["--checkpoint", path, "--head", "true", "--linear_epochs", "1", "--k", "5",
+                 "--json", str(tmp_path / "head.json")])
+    assert {"knn_top1_k5", "linear_top1"} <= set(json.load(open(tmp_path / "head.json")))
+    ln = config.parse(simclr.Config, ["--arch", "resnet8", "--head", "slides", "--head_norm", "ln"])
+    checkpoint.save(path, 1, 2, config.to_dict(ln), model=simclr.build_model(ln, 32))
+    with pytest.raises(ConfigError, match="LayerNorm heads cannot be probed"):
+        checkpoint.load_projector(path)

@@ -3,13 +3,16 @@ stop-gradient, the per-rank partner shuffle, heads / optimizer groups / EMA, and
 BYOL-GSG with a bit-exact resume)."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
+import simsiam_gsg
 from common import config, optim
+from common.config import ConfigError
 from conftest import assert_same_tensors, launch, load_ckpt, read_log, tiny_args
 from simsiam_gsg import Config, build_model, ema_update, gsg_loss, param_groups, partner_views, simsiam_loss
 
@@ -141,6 +144,22 @@ def test_stop_gradient_stops():
     leaf_ps, leaf_zs = make_inputs(7, ties=False)
     gsg_loss(*leaf_ps, *leaf_zs).backward()
     assert all(z.grad is None for z in leaf_zs)
+
+
+def test_without_stop_gradient_the_target_gets_its_gradient(monkeypatch):
+    """--stop_grad false (SimSiam Fig. 2's ablation): the gradient of -cos(p, z) reaches z, and equals autograd's
+    gradient of the plain negative cosine; only SimSiam without GSG accepts it."""
+    g = torch.Generator().manual_seed(0)
+    p, z = (torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    simsiam_loss(p, z, stop_grad=False).backward()
+    p2, z2 = p.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    (-(F.normalize(p2, dim=1) * F.normalize(z2, dim=1)).sum(1).mean()).backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p.grad, p2.grad, rtol=0, atol=1e-12)
+    for flags in (["--stop_grad", "false"], ["--stop_grad", "false", "--gsg", "false", "--base", "byol"]):
+        monkeypatch.setattr(sys, "argv", ["simsiam_gsg.py", "--device", "cpu", *flags])  # gsg defaults to true
+        with pytest.raises(ConfigError, match="needs --base simsiam --gsg false"):
+            simsiam_gsg.main()
 
 
 def test_partner_shuffle_is_one_local_permutation(monkeypatch):
