@@ -52,7 +52,7 @@ def _scalar(name, kind, value):
         raise ConfigError(f"{name} must be of type {kind.__name__}, got {value!r}") from None
 
 
-def _read_yaml(path, fields):
+def _read_yaml(path, fields, overridden=()):
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -67,7 +67,8 @@ def _read_yaml(path, fields):
             close = difflib.get_close_matches(str(key), list(fields), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help for the fields)"
             raise ConfigError(f"unknown key '{key}' in {path}{hint}")
-    return {key: _convert(fields[key], value) for key, value in data.items()}
+    # a value that a flag replaces is not checked (a ResNet preset may run with --arch vit_debug)
+    return {key: _convert(fields[key], value) for key, value in data.items() if key not in overridden}
 
 
 def _help(field, default):
@@ -92,7 +93,7 @@ def parse(config_cls, argv=None, description=None):
                             help=_help(f, default))
     parser.error = _raise  # argparse would print the whole usage; one line naming the bad flag is clearer
     flags = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    values = _read_yaml(flags["config"], fields) if flags.get("config") else {}
+    values = _read_yaml(flags["config"], fields, set(flags)) if flags.get("config") else {}
     values.update({name: _convert(fields[name], value) for name, value in flags.items()})
     return config_cls(**values)
 

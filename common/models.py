@@ -93,23 +93,30 @@ def use_channels_last(name, device):
     return device.type == "cuda" or name in CIFAR_MODELS
 
 
-def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False, act="relu"):
+def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last_bias=False,
+        act="relu", layerwiseclr=False):
     """The one MLP head builder (projectors and predictors of every script).
 
-    Hidden layers: Linear (no bias: the norm that follows has one) -> BN or LN -> ReLU (or GELU). Last layer:
-    Linear, then an affine-free BN/LN when `last_norm` (SimCLR, MoCo v3, SimSiam projectors). `last_bias` only matters
-    without a last norm (SimSiam's predictor has a bias; MoCo v3's does not). num_layers=1 is a single Linear.
+    Hidden layers: Linear (no bias: the norm that follows has one) -> BN or LN -> ReLU (or GELU).
+    Last layer: Linear, then an affine-free BN/LN when `last_norm` (SimCLR, MoCo v3, SimSiam
+    projectors). `last_bias` only matters without a last norm (SimSiam's predictor has a bias; MoCo
+    v3's does not). num_layers=1 is a single Linear. `layerwiseclr`: the IFACLR prototype's
+    ProjectionMLPHead (arkel23/layerwiseclr heads.py): every Linear keeps its bias, the last norm is
+    affine, LayerNorm eps 1e-12.
     """
+    eps = {"eps": 1e-12} if layerwiseclr and norm == "ln" else {}
     norm_layer = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
     act_layer = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}[act]
     layers, dim = [], in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=False), norm_layer(hidden_dim), act_layer()]
+        layers += [nn.Linear(dim, hidden_dim, bias=layerwiseclr), norm_layer(hidden_dim, **eps),
+                   act_layer()]
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=last_bias and not last_norm))
-    if last_norm:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False) if norm == "bn"
-                      else nn.LayerNorm(out_dim, elementwise_affine=False))
+    layers.append(nn.Linear(dim, out_dim, bias=layerwiseclr or (last_bias and not last_norm)))
+    if last_norm and norm == "bn":
+        layers.append(nn.BatchNorm1d(out_dim, affine=layerwiseclr))
+    elif last_norm:
+        layers.append(nn.LayerNorm(out_dim, elementwise_affine=layerwiseclr, **eps))
     return nn.Sequential(*layers)
 
 

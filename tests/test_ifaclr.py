@@ -1,6 +1,7 @@
-"""IFACLR in simclr.py (IFACD slides, appendix A): the loss against a loop transcription of SupCon 'all' over
-[B, views x layers, D], the detached layers of lwclr, simlwclr's pairing, two gloo ranks vs one process, and a 2-rank
-torchrun run with the layer-similarity log and per-layer k-NN on its checkpoint."""
+"""ifaclr.py (IFACD slides, appendix A): the loss against a loop transcription of SupCon 'all' over
+[B, views x layers, D], the detached layers of lwclr, simlwclr's pairing, the prototype's head, two gloo
+ranks vs one process, and a 2-rank torchrun run with the layer-similarity log and per-layer k-NN on its
+checkpoint (resume: tests/test_wiring.py)."""
 import math
 import os
 
@@ -10,6 +11,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import ifaclr
 import simclr
 from common import config, dist, models
 from conftest import launch, load_ckpt, read_log, tiny_args
@@ -36,7 +38,7 @@ def naive_supcon(z, tau):
 def test_loss_matches_loop_supcon(process_group, b, v, tau):
     torch.manual_seed(b * 10 + v)
     z = torch.randn(b, v, 6, dtype=torch.float64, requires_grad=True)
-    ours, ref = simclr.ifaclr_loss(z, tau), naive_supcon(z, tau)
+    ours, ref = ifaclr.ifaclr_loss(z, tau), naive_supcon(z, tau)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     g_ours, = torch.autograd.grad(ours, z)
     g_ref, = torch.autograd.grad(ref, z)
@@ -46,11 +48,11 @@ def test_loss_matches_loop_supcon(process_group, b, v, tau):
 def test_two_views_one_layer_is_nt_xent(process_group):
     """With V = 2 (two views, one layer each) SupCon is SimCLR's NT-Xent."""
     z = torch.randn(6, 2, 5, dtype=torch.float64)
-    torch.testing.assert_close(simclr.ifaclr_loss(z, 0.5), simclr.simclr_loss(z[:, 0], z[:, 1], 0.5))
+    torch.testing.assert_close(ifaclr.ifaclr_loss(z, 0.5), simclr.simclr_loss(z[:, 0], z[:, 1], 0.5))
 
 
 def cfg_for(*flags):
-    return config.parse(simclr.Config, ["--proj_hidden_dim", "16", "--proj_dim", "8", *VIT, *flags])
+    return config.parse(ifaclr.Config, ["--proj_hidden_dim", "16", "--proj_dim", "8", *VIT, *flags])
 
 
 def test_lwclr_sends_no_gradient_through_the_detached_layers(process_group):
@@ -61,15 +63,15 @@ def test_lwclr_sends_no_gradient_through_the_detached_layers(process_group):
     grads = {}
     for detach in (True, False):
         torch.manual_seed(1)
-        model = simclr.build_model(cfg_for("--method", "lwclr", "--detach_layers", str(detach).lower()), 32)
-        loss = simclr.ifaclr_loss(model(x), 0.5)
+        model = ifaclr.build_model(cfg_for("--method", "lwclr", "--detach_layers", str(detach).lower()), 32)
+        loss = ifaclr.ifaclr_loss(model(x), 0.5)
         params = [p for p in model.backbone.parameters() if p.requires_grad]
         grads[detach] = torch.autograd.grad(loss, params, allow_unused=True)
         # the reference: the same features built by hand, block 1's CLS a constant
         _, tokens = model.backbone.forward_intermediates(x, norm=False)
         cls = torch.stack([tokens[0][:, 0].detach() if detach else tokens[0][:, 0], tokens[1][:, 0]], dim=1)
         z = model.projector(model.layer_norm(cls).flatten(0, 1)).view(4, 2, -1)
-        ref = torch.autograd.grad(simclr.ifaclr_loss(z, 0.5), params, allow_unused=True)
+        ref = torch.autograd.grad(ifaclr.ifaclr_loss(z, 0.5), params, allow_unused=True)
         for a, b in zip(grads[detach], ref):
             assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
     differ = [a is not None and not torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[True], grads[False])]
@@ -82,21 +84,36 @@ def test_simlwclr_pairs_each_last_layer_with_the_other_views_layers(process_grou
     z1, z2 = z[:3], z[3:]
     expected = 0.5 * (naive_supcon(torch.stack([z1[:, 1], z2[:, 0], z2[:, 1]], dim=1), cfg.temperature)
                       + naive_supcon(torch.stack([z2[:, 1], z1[:, 0], z1[:, 1]], dim=1), cfg.temperature))
-    torch.testing.assert_close(simclr.ifaclr_objective(cfg, z), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ifaclr.ifaclr_objective(cfg, z), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["ln", "bn"])
+def test_prototype_head_is_layerwiseclrs(norm):
+    """layerwiseclr heads.py ProjectionMLPHead(no_layers=3), written out by hand: Linear(d, h) with bias,
+    norm(h), act, Linear(h, h) with bias, norm(h), act, Linear(h, o) with bias, norm(o), every norm affine;
+    LayerNorm eps 1e-12 and GELU, or (--bn_proj) BatchNorm1d (default eps) and ReLU."""
+    d, h, o = 32, 16, 8  # vit_debug's width, then cfg_for's head
+    model = ifaclr.build_model(cfg_for("--head", "prototype", "--head_norm", norm), 32)
+    act, norm_type = ("GELU", "LayerNorm") if norm == "ln" else ("ReLU", "BatchNorm1d")
+    assert [type(m).__name__ for m in model.projector] == ["Linear", norm_type, act] * 2 + ["Linear", norm_type]
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in model.projector if type(m).__name__ == norm_type]
+    assert [(m.in_features, m.out_features) for m in linears] == [(d, h), (h, h), (h, o)]
+    assert all(m.bias is not None for m in linears) and all(m.weight is not None for m in norms)
+    assert all(m.eps == (1e-12 if norm == "ln" else 1e-5) for m in norms)
+    expected = (d * h + h) + 2 * h + (h * h + h) + 2 * h + (h * o + o) + 2 * o
+    assert models.count_params(model.projector) == expected
 
 
 def test_heads_and_bad_input():
-    model = simclr.build_model(cfg_for("--method", "lwclr", "--head", "prototype", "--head_norm", "ln",
-                                       "--proj_layers", "3"), 32)
-    kinds = [type(m).__name__ for m in model.projector]
-    assert kinds == ["Linear", "LayerNorm", "GELU", "Linear", "LayerNorm", "GELU", "Linear", "LayerNorm"]
-    slides = simclr.build_model(cfg_for("--method", "lwclr", "--head", "slides", "--head_norm", "bn"), 32)
+    model = ifaclr.build_model(cfg_for("--method", "lwclr"), 32)
+    slides = ifaclr.build_model(cfg_for("--method", "lwclr", "--head", "slides", "--head_norm", "bn"), 32)
     assert [type(m).__name__ for m in slides.projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 2, 8)
-    with pytest.raises(config.ConfigError, match="needs a ViT"):
-        simclr.build_model(config.parse(simclr.Config, ["--method", "lwclr", "--arch", "resnet8"]), 32)
-    with pytest.raises(config.ConfigError, match="layers <= its depth"):
-        simclr.build_model(cfg_for("--method", "lwclr", "--layers", "3"), 32)
+    with pytest.raises(config.ConfigError, match="arch='resnet8' is not one of"):  # ViTs only
+        config.parse(ifaclr.Config, ["--arch", "resnet8"])
+    with pytest.raises(config.ConfigError, match="layers <= the ViT's depth"):
+        ifaclr.build_model(cfg_for("--method", "lwclr", "--layers", "3"), 32)
 
 
 # ----- 2 gloo ranks vs one process -----
@@ -113,7 +130,7 @@ def _worker(rank, tmp):
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     x, net = make_batch_and_net()
     net_ddp = dist.ddp(net, dist.Context(rank, rank, 2, torch.device("cpu")))
-    loss = simclr.ifaclr_loss(net_ddp(x[rank * N // 2:(rank + 1) * N // 2]), 0.5)
+    loss = ifaclr.ifaclr_loss(net_ddp(x[rank * N // 2:(rank + 1) * N // 2]), 0.5)
     loss.backward()
     torch.save({"grad": [p.grad for p in net.parameters()], "loss": loss.detach()}, f"{tmp}/rank{rank}.pt")
     tdist.destroy_process_group()
@@ -122,7 +139,7 @@ def _worker(rank, tmp):
 def test_two_ranks_equal_one_process(process_group, tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
     x, net = make_batch_and_net()
-    full = simclr.ifaclr_loss(net(x), 0.5)
+    full = ifaclr.ifaclr_loss(net(x), 0.5)
     full.backward()
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close((outs[0]["loss"] + outs[1]["loss"]) / 2, full.detach(), rtol=0, atol=1e-9)
@@ -135,7 +152,7 @@ def test_two_ranks_equal_one_process(process_group, tmp_path):
 
 def test_two_rank_lwclr_run_logs_layer_similarity_and_per_layer_knn(image_folder, tmp_path):
     out = str(tmp_path / "lwclr")
-    launch("simclr.py", tiny_args(image_folder, out, *VIT, "--method", "lwclr", "--head", "prototype",
+    launch("ifaclr.py", tiny_args(image_folder, out, *VIT, "--method", "lwclr", "--head", "prototype",
                                   "--head_norm", "ln", "--clip_grad_norm", "1.0"))
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -146,19 +163,7 @@ def test_two_rank_lwclr_run_logs_layer_similarity_and_per_layer_knn(image_folder
     assert len([line for line in knn.stdout.splitlines() if line.strip()[:1].isdigit()]) == 2  # one row per block
 
 
-@pytest.mark.parametrize("method", ["lwclr", "simlwclr"])
-def test_resume_is_bit_exact(process_group, image_folder, tmp_path, monkeypatch, method):
-    """2 epochs straight vs the epoch-1 checkpoint resumed: the same model (shared LayerNorm included), optimizer."""
-    import shutil
-    from conftest import assert_same_tensors
-    from test_wiring import argv, run_main
-    flags = [*VIT, "--method", method, "--clip_grad_norm", "1.0"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_main("simclr", argv("simclr", image_folder, straight, *flags), monkeypatch)
-    os.makedirs(resumed)
-    shutil.copy(os.path.join(straight, "epoch_0001.pt"), os.path.join(resumed, "last.pt"))
-    run_main("simclr", argv("simclr", image_folder, resumed, *flags), monkeypatch)
-    a, b = load_ckpt(straight), load_ckpt(resumed)
-    for key in ("model", "optimizer", "scaler"):
-        assert_same_tensors(a[key], b[key], key)
-    assert "layer_cos" in read_log(straight)[-1]
+def test_simclr_points_old_ifaclr_command_lines_to_ifaclr_py(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["simclr.py", "--method", "lwclr"])
+    with pytest.raises(config.ConfigError, match="python ifaclr.py with the same flags"):
+        simclr.main()

@@ -17,15 +17,16 @@ import torch
 
 import byol
 import ifacd_distill
+import ifaclr
 import mocov3
 import msbreg
 import sdssl
 import simclr
 import simsiam_gsg
 from common import config, dist, optim
-from conftest import TINY, assert_same_tensors, load_ckpt
+from conftest import TINY, assert_same_tensors, load_ckpt, read_log
 
-MODULES = {m.__name__: m for m in (simclr, mocov3, byol, simsiam_gsg, sdssl, msbreg, ifacd_distill)}
+MODULES = {m.__name__: m for m in (simclr, mocov3, byol, simsiam_gsg, sdssl, msbreg, ifacd_distill, ifaclr)}
 VIT = ["--arch", "vit_debug", "--patch_size", "8", "--num_heads", "2"]
 FLAGS = {  # 2 epochs of 2 steps at global batch 8, 1 warmup epoch (so: steps 0, 1 warm up; 2, 3 decay)
     "simclr": [],
@@ -34,6 +35,7 @@ FLAGS = {  # 2 epochs of 2 steps at global batch 8, 1 warmup epoch (so: steps 0,
     "simsiam_gsg": ["--base", "byol", "--pred_hidden_dim", "16", "--proj_layers", "2"],
     "sdssl": VIT + ["--isd_hidden_dim", "32", "--pred_hidden_dim", "64"],
     "msbreg": ["--num_views", "2"],
+    "ifaclr": VIT + ["--method", "simlwclr"],
 }
 ALL_STEPS = ["--epochs", "2", "--warmup_epochs", "1", "--eval_every", "0", "--save_every", "1"]
 
@@ -112,8 +114,10 @@ def test_lr_and_ema_follow_the_schedule(process_group, image_folder, tmp_path, m
                   "sdssl": [ema_momentum(s, 0.996) for s in range(4)],
                   "msbreg": [ema_momentum(s, 0.996) for s in range(4)],
                   "simsiam_gsg": [0.99] * 4,  # gsg/builder.py: constant, before each forward
-                  "simclr": []}[name]
+                  "simclr": [], "ifaclr": []}[name]
     assert spy.emas == pytest.approx(expected_m, abs=1e-12)
+    # the collapse monitor (common.log.output_std) in every epoch's row: between 0 (collapsed) and 1
+    assert all(0 < row["out_std"] <= 1 for row in read_log(str(tmp_path)))
 
 
 @pytest.mark.parametrize("flags, factor", [([], 2.0), (["--sum_directions", "false"], 1.0)],
@@ -186,3 +190,13 @@ def test_every_script_seeds_each_epoch_per_rank(name):
     """CONVENTIONS 10: seed + 1000 * epoch + rank at the start of every epoch (tests/test_dist.py checks that two
     ranks then draw different views); every script must pass its own rank."""
     assert "data.seed_epoch(loader, cfg.seed, epoch, ctx.rank)" in inspect.getsource(MODULES[name].main)
+
+
+def test_output_std_is_the_collapse_monitor():
+    """1/sqrt(D) for outputs spread evenly over the sphere's axes, 0 when every output is the same vector."""
+    from common.log import output_std
+    d = 64
+    spread = torch.eye(d).repeat(50, 1) * torch.randn(50 * d, 1).sign()  # (3200, D): +-e_i, every axis alike
+    assert float(output_std(spread)) == pytest.approx(d ** -0.5, rel=0.02)
+    assert float(output_std(torch.randn(1, d).repeat(100, 1))) == 0.0
+    assert float(output_std(torch.stack([spread, spread]))) == pytest.approx(float(output_std(spread)))
