@@ -22,16 +22,14 @@ row; needs matplotlib, otherwise only OUT/curves.json). Finished runs and evalua
 table continues.
 """
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import sys
 
 import yaml
 
-from run_table import ROOT, command, is_complete, launch, log_rows
+from runs import ROOT, command, is_complete, log_rows, machine, read_json, timed
 
 SSL_ROWS = {  # key: (the table's name for it, script, config under configs/)
     "simclr": ("SimCLR", "simclr.py", "simclr/fashion_mnist_cpu"),
@@ -43,7 +41,7 @@ SSL_ROWS = {  # key: (the table's name for it, script, config under configs/)
     "msbreg": ("MSBReg (K = 4)", "msbreg.py", "msbreg/fashion_mnist_cpu"),
     "mocov3_vit": ("MoCo v3 (ViT, SDSSL's baseline)", "sdssl.py", "sdssl/fashion_mnist_cpu_plain"),
     "sd_mocov3_vit": ("SD-MoCo v3 (ViT)", "sdssl.py", "sdssl/fashion_mnist_cpu"),
-    "ifaclr": ("IFACLR (simlwclr, ViT)", "simclr.py", "simclr/ifaclr_fashion_mnist_cpu"),
+    "ifaclr": ("IFACLR (simlwclr, ViT)", "ifaclr.py", "ifaclr/fashion_mnist_cpu"),
 }
 DISTILL_ROWS = {  # key: (name, config under configs/ifacd_distill/); the teacher comes first, trained once
     "teacher": ("teacher resnet56", "fashion_mnist_teacher_resnet56"),
@@ -85,19 +83,6 @@ def backbone_key(cfg):
     return cfg["arch"] + (f"_p{cfg['patch_size']}_h{cfg.get('num_heads', 0)}" if cfg["arch"].startswith("vit") else "")
 
 
-def timed(cmd, run_dir, key, args):
-    """Launch cmd (or print it for a dry run) and add its wall time to run_dir/time.json[key]: an interrupted run's
-    attempts add up."""
-    seconds = launch(cmd, args.dry_run)
-    if args.dry_run:
-        return
-    path = os.path.join(run_dir, "time.json")
-    times = read_json(path) or {}
-    times[key] = times.get(key, 0.0) + seconds
-    with open(path, "w") as f:
-        json.dump(times, f)
-
-
 def evaluate(run_dir, eval_args, args):
     """eval/frozen.py into run_dir/eval.json, unless it is there already."""
     path = os.path.join(run_dir, "eval.json")
@@ -107,7 +92,7 @@ def evaluate(run_dir, eval_args, args):
         os.makedirs(run_dir, exist_ok=True)  # eval.frozen writes the JSON there
     cmd = [sys.executable, "-m", "eval.frozen", *eval_args, "--data_dir", args.data_dir, "--json", path,
            "--linear_epochs", str(args.linear_epochs)]
-    timed(cmd, run_dir, "eval_s", args)
+    timed(cmd, run_dir, "eval_s", args.dry_run)
 
 
 def run_all(args, extra):
@@ -122,7 +107,7 @@ def run_all(args, extra):
             if not is_complete(out):
                 cmd = command(os.path.join(ROOT, "configs", config + ".yaml"), out, 0, data + extra, seed,
                               script=script)
-                timed(cmd, out, "train_s", args)
+                timed(cmd, out, "train_s", args.dry_run)
             # the online/student network, also for SDSSL (whose paper evaluates the EMA teacher: --which auto): after
             # a few hundred steps the teacher (momentum 0.996 -> 1) still lags far behind the network that learns
             evaluate(out, ["--checkpoint", os.path.join(out, "last.pt"), "--which", "model"], args)
@@ -142,7 +127,7 @@ def run_all(args, extra):
             out = teacher if key == "teacher" else os.path.join(args.out_root, key, f"seed{seed}")
             if not is_complete(out):
                 ckpt = None if recipe("ifacd_distill/" + DISTILL_ROWS[key][1])["distill"] == "none" else teacher
-                timed(command(config, out, 0, data + extra, seed, ckpt), out, "train_s", args)
+                timed(command(config, out, 0, data + extra, seed, ckpt), out, "train_s", args.dry_run)
 
 
 def distill_rows(args):
@@ -151,10 +136,6 @@ def distill_rows(args):
 
 
 # ----------------------------------------------------- the report -----------------------------------------------------
-
-def read_json(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
 
 def mean_std(values, fmt="{:.2f}"):
     if not values:
@@ -266,14 +247,6 @@ def curves(args):
         print(f"no curves.png: {e}")
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def report(args, distill):
     if distill:
         lines, csv = distill_table(args)
@@ -284,10 +257,8 @@ def report(args, distill):
                  "images as neighbours, T 0.07; linear: a probe on standardised features). '20-NN vs raw pixels' > 0: "
                  "the row beats k-NN on raw pixels.")
     times, total = wall_times(args)
-    machine = f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), Python {platform.python_version()}, " \
-              f"torch {importlib.metadata.version('torch')}"
     text = [f"# Fashion-MNIST (60k train / 10k test, 28 px), seeds {args.seeds}", "",
-            f"Machine: {machine}. Total wall time of the runs below: {total / 60:.1f} min.", "", intro, "", *lines,
+            f"Machine: {machine()}. Total wall time of the runs below: {total / 60:.1f} min.", "", intro, "", *lines,
             "", "Wall time per run (train / eval, minutes):", "",
             *[f"- {name}: {a / 60:.1f} / {b / 60:.1f}" for name, a, b in times]]
     os.makedirs(args.out_root, exist_ok=True)

@@ -44,14 +44,12 @@ repdistiller/resnet32x4-resnet8x4_crd.yaml --teacher_ckpt save/models/resnet32x4
 """
 import argparse
 import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs import ROOT, command, is_complete, launch, log_rows
+
 CONFIGS = os.path.join(ROOT, "configs", "ifacd_distill")
 PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
          "resnet110-resnet20"]
@@ -138,26 +136,6 @@ def teacher_dir(out_root, teacher):
     return os.path.join(out_root, f"vanilla_{teacher}")
 
 
-def is_complete(run_dir):
-    """True if run_dir/last.pt reached the last epoch of its own config."""
-    path = os.path.join(run_dir, "last.pt")
-    if not os.path.exists(path):
-        return False
-    sys.path.insert(0, ROOT)
-    from common import checkpoint  # imported only here: torch is slow to import and dry runs rarely need it
-    blob = checkpoint.load(path)
-    return blob["epoch"] >= blob["config"]["epochs"]
-
-
-def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None, script="ifacd_distill.py"):
-    """The launch of one run: torchrun with nproc processes (plain python for nproc 0)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    cmd = [sys.executable, *launcher, os.path.join(ROOT, script), "--config", cfg_path, "--output_dir", run_dir]
-    cmd += ["--seed", str(seed)] if seed is not None else []
-    cmd += ["--teacher_ckpt", os.path.join(teacher_ckpt, "last.pt")] if teacher_ckpt else []
-    return cmd + extra
-
-
 def plan(args, extra):
     """[(method, columns, seed, run_dir, command or None if complete)], teachers first, each model's vanilla run
     once: a teacher or vanilla student fills every column (pair) it belongs to. The configs are args.table's; a
@@ -189,15 +167,6 @@ def plan(args, extra):
                 cmd = command(cfg_path, out, args.nproc, extra, seed, teacher_dir(args.out_root, pair.split("-")[0]))
                 runs.append((method, [pair], seed, out, None if is_complete(out) else cmd))
     return runs
-
-
-def log_rows(run_dir):
-    """The rows of run_dir/log.jsonl (none if it does not exist)."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def last_and_best(run_dir):
@@ -359,17 +328,6 @@ def slides_tables(args, logs):
                             "testing over the whole run, mean over seeds; cpu = run on the CPU.", pairs, rows)
 
 
-def launch(cmd, dry_run):
-    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0 for a dry run)."""
-    if dry_run:
-        print(" ".join(cmd))
-        return 0.0
-    print(f"# running: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.perf_counter() - start
-
-
 def run_table(argv, table):
     """Plan the runs of a table, launch the unfinished ones (teachers first), then summarise."""
     args, extra = parse_args(argv, table)
@@ -384,20 +342,26 @@ def run_table(argv, table):
     print("\n".join(summarise(args, runs, write=not args.dry_run)))
 
 
+NAMES = {  # every table this entry point runs, and the module that runs it
+    "ifacd": ("the IFACD slides' CIFAR-100 table", "run_table"),
+    "repdistiller": ("RepDistiller's CIFAR-100 benchmark (its README's two tables)", "run_table"),
+    "fashion_mnist": ("every SSL method on Fashion-MNIST on a CPU", "fashion_mnist"),
+    "fashion_mnist_distill": ("its distillation rows", "fashion_mnist"),
+    "claims": ("each paper's headline claim, reproduced or not, on Fashion-MNIST", "claims"),
+}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):  # no table name: the IFACD table, as before tables had names
         argv = ["ifacd"] + argv
-    if argv[0] not in ("ifacd", "repdistiller", "fashion_mnist", "fashion_mnist_distill"):
-        raise SystemExit("usage: run_table.py {ifacd,repdistiller,fashion_mnist,fashion_mnist_distill} [options] [-- "
-                         "flags for every run]; ifacd = the IFACD slides' CIFAR-100 table, repdistiller = "
-                         "RepDistiller's CIFAR-100 benchmark (its README's two tables), fashion_mnist = every SSL "
-                         "method on Fashion-MNIST on a CPU, fashion_mnist_distill = its distillation rows")
+    if argv[0] not in NAMES:
+        raise SystemExit(f"usage: run_table.py {{{','.join(NAMES)}}} [options] [-- flags for every run]; "
+                         + ", ".join(f"{name} = {what}" for name, (what, _) in NAMES.items()))
     if argv[0] in TABLES:
         return run_table(argv[1:], argv[0])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import fashion_mnist  # scripts/fashion_mnist.py
-    fashion_mnist.main(argv[1:], argv[0])
+    import importlib
+    importlib.import_module(NAMES[argv[0]][1]).main(argv[1:], argv[0])  # scripts/fashion_mnist.py, claims.py
 
 
 if __name__ == "__main__":
