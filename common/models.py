@@ -6,6 +6,7 @@ SimCLR App. B.9) changes `conv1`'s shape only. The ViT lives in common/vit.py wi
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from common.cifar_models import CIFAR_MODELS, build_cifar_model
@@ -118,6 +119,39 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers, last_norm=True, norm="bn", last
     elif last_norm:
         layers.append(nn.LayerNorm(out_dim, elementwise_affine=layerwiseclr, **eps))
     return nn.Sequential(*layers)
+
+
+class BatchedMLP(nn.Module):
+    """`num_mlps` MLPs of one shape run together, x (num_mlps, rows, in) -> (num_mlps, rows, out),
+    with one bmm per layer instead of a loop over the MLPs (SDSSL's per-layer heads then cost a
+    few per cent of a step: README). Each is `mlp`'s layout: Linear (no bias) -> BN -> ReLU, ...,
+    Linear (-> affine-free BN if last_norm). The rows are `groups` equal blocks (e.g. the views)
+    that share the weights, so each weight is read once, but get their own BN statistics, exactly
+    as separate passes would: BN runs on a block's (n, num_mlps * dim), per MLP and feature, so it
+    is the separate MLPs' BN, and SyncBN conversion still applies."""
+
+    def __init__(self, num_mlps, in_dim, hidden_dim, out_dim, num_layers, last_norm=True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        # nn.Linear's default init per MLP: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        self.weights = nn.ParameterList([
+            nn.Parameter(torch.empty(num_mlps, a, b).uniform_(-a ** -0.5, a ** -0.5))
+            for a, b in zip(dims[:-1], dims[1:])])
+        self.norms = nn.ModuleList([nn.BatchNorm1d(num_mlps * d) for d in dims[1:-1]])
+        if last_norm:
+            self.norms.append(nn.BatchNorm1d(num_mlps * out_dim, affine=False))
+
+    def forward(self, x, groups=1):
+        for i, w in enumerate(self.weights):
+            x = torch.bmm(x, w)  # (num_mlps, rows, d_out): all groups at once
+            if i < len(self.norms):
+                m, rows, d = x.shape
+                n = rows // groups
+                x = torch.cat([self.norms[i](x[:, g * n:(g + 1) * n].transpose(0, 1).reshape(n, -1))
+                               .view(n, m, d).transpose(0, 1) for g in range(groups)], dim=1)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x
 
 
 def count_params(module, trainable_only=False):

@@ -84,7 +84,7 @@ def test_batched_heads_equal_a_loop_of_separate_heads(groups):
     (BN statistics per block), in value and in the gradients of the inputs and weights."""
     torch.manual_seed(0)
     heads, n = 3, 6
-    batched = sdssl.BatchedMLP(heads, 8, 16, 4, num_layers=3, last_norm=True).double()
+    batched = models.BatchedMLP(heads, 8, 16, 4, num_layers=3, last_norm=True).double()
     loop = [models.mlp(8, 16, 4, 3, last_norm=True).double() for _ in range(heads)]
     with torch.no_grad():
         for h, m in enumerate(loop):
@@ -117,7 +117,7 @@ def test_batched_heads_equal_a_loop_of_separate_heads(groups):
 def test_heads_layout_and_layers():
     cfg = cfg_for()
     model = sdssl.SDSSL(cfg, models.build_model("vit_debug", image_size=32, patch_size=8), sdssl.isd_layers(cfg, 2))
-    assert model.layers == [1] and isinstance(model.isd_projector, sdssl.BatchedMLP)
+    assert model.layers == [1] and isinstance(model.isd_projector, models.BatchedMLP)
     assert sdssl.isd_layers(cfg_for("--isd_every", "3"), 12) == [3, 6, 9]
     assert sdssl.isd_layers(cfg_for("--alpha_max", "0", "--pred_loss", "false"), 12) == []  # the plain method
     vit = models.build_model("vit_debug", image_size=32, patch_size=8)
