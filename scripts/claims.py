@@ -144,6 +144,8 @@ def parse_args(argv):
     p.add_argument("--out_root", default=os.path.join("out", "claims"), help="run directories (checkpoints)")
     p.add_argument("--records", default=os.path.join("docs", "claims", "runs"), help="one JSON per finished run")
     p.add_argument("--report", default=os.path.join("docs", "claims.md"), help="the table (also .csv beside it)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads "
+                   "(tiny CPU nets use a second thread poorly: 2 jobs of 1 thread on 2 cores)")
     p.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
     p.add_argument("--report_only", action="store_true", help="only rebuild the report from the records")
     args, extra = p.parse_known_args(argv)
@@ -192,8 +194,13 @@ def git_commit():
 
 
 def run_one(args, extra, claim, arm, seed, spec, teacher=None):
-    """Train (unless finished), evaluate, and write the run's record. Returns nothing; everything is on disk."""
+    """Train (unless finished), evaluate, and write the run's record. Returns nothing; everything is on disk.
+    With --jobs > 1 each process gets cores / jobs threads and writes its output to run_dir/stdout.log."""
     out = os.path.join(args.out_root, f"c{claim}", arm, f"seed{seed}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    log_path = os.path.join(out, "stdout.log") if args.jobs > 1 and not args.dry_run else ""
+    if log_path:
+        os.makedirs(out, exist_ok=True)
     record = record_path(args, claim, arm, seed)
     if os.path.exists(record):
         print(f"# done: claim {claim} {arm} seed {seed} ({record})")
@@ -205,7 +212,7 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         cmd = command(config_path(spec["config"]), out, 0, data + flags + extra, seed, teacher,
                       script=spec["script"])
         if not is_complete(out):
-            timed(cmd, out, "train_s", args.dry_run)
+            timed(cmd, out, "train_s", args.dry_run, threads, log_path)
         evals = {prefix: ["--checkpoint", os.path.join(out, "last.pt")] + flags
                  for prefix, flags in spec["evals"].items()}
     else:  # a baseline: the same architecture at random init, evaluated with the run's seed
@@ -216,7 +223,8 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         if not os.path.exists(path):
             os.makedirs(out, exist_ok=True) if not args.dry_run else None
             timed([sys.executable, *FROZEN, *flags, "--data_dir", args.data_dir, "--json", path,
-                   "--linear_epochs", str(args.linear_epochs)], out, "eval_s", args.dry_run)
+                   "--linear_epochs", str(args.linear_epochs)], out, "eval_s", args.dry_run, threads,
+                  log_path)
         if not args.dry_run:
             metrics.update(frozen_metrics(read_json(path), prefix))
     if args.dry_run:
@@ -228,22 +236,33 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         import json
         json.dump({"claim": claim, "arm": arm, "seed": seed, "metrics": {**metrics, **logged}, "curves": curves,
                    "train_s": times.get("train_s", 0.0), "eval_s": times.get("eval_s", 0.0),
+                   "jobs": args.jobs, "threads": threads or None,
                    "command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
                    if cmd else "eval.frozen only", "git": git_commit(), "machine": machine()}, f, indent=1)
 
 
 def run_all(args, extra):
+    """The setup runs first (a claim's teacher, trained once with seed 0, all cores), then every (claim,
+    seed, arm), --jobs of them at a time."""
+    tasks = []
     for claim in args.claims:
         spec = CLAIMS[claim]
         teacher = None
-        for name, (cfg, flags) in spec.get("setup", {}).items():  # trained once (seed 0), like the paper's teacher
+        for name, (cfg, flags) in spec.get("setup", {}).items():
             teacher = os.path.join(args.out_root, f"c{claim}", name)
             if not is_complete(teacher):
                 timed(command(config_path(cfg), teacher, 0, ["--data_dir", args.data_dir, "--download", "false"]
                               + flags + extra, 0), teacher, "train_s", args.dry_run)
-        for seed in args.seeds:
-            for arm in list(spec["arms"]) + list(spec.get("baselines", {})):
-                run_one(args, extra, claim, arm, seed, spec, teacher)
+        tasks += [(claim, arm, seed, spec, teacher) for seed in args.seeds
+                  for arm in list(spec["arms"]) + list(spec.get("baselines", {}))]
+    if args.jobs <= 1 or args.dry_run:
+        for task in tasks:
+            run_one(args, extra, *task)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in [pool.submit(run_one, args, extra, *task) for task in tasks]:
+            future.result()  # re-raises a failed run's error
 
 
 # ----------------------------------------------------- verdicts -----------------------------------------------------

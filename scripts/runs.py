@@ -19,21 +19,27 @@ def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None, scrip
     return cmd + extra
 
 
-def launch(cmd, dry_run):
-    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0 for a dry run)."""
+def launch(cmd, dry_run, threads=0, log_path=""):
+    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0 for
+    a dry run). threads > 0 sets OMP_NUM_THREADS; log_path takes its output instead of the terminal."""
     if dry_run:
         print(" ".join(cmd))
         return 0.0
     print(f"# running: {' '.join(cmd)}", flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if log_path:
+        with open(log_path, "a") as f:
+            subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
     return time.perf_counter() - start
 
 
-def timed(cmd, run_dir, key, dry_run):
-    """Launch cmd (or print it for a dry run) and add its wall time to run_dir/time.json[key]: an interrupted run's
-    attempts add up. Returns the seconds of this attempt."""
-    seconds = launch(cmd, dry_run)
+def timed(cmd, run_dir, key, dry_run, threads=0, log_path=""):
+    """Launch cmd (or print it for a dry run) and add its wall time to run_dir/time.json[key]: an
+    interrupted run's attempts add up. Returns the seconds of this attempt."""
+    seconds = launch(cmd, dry_run, threads, log_path)
     if not dry_run:
         path = os.path.join(run_dir, "time.json")
         times = read_json(path) or {}

@@ -2,6 +2,7 @@
 
 Nothing here needs a GPU or the network.
 """
+import gzip
 import json
 import os
 import subprocess
@@ -45,6 +46,28 @@ def write_cifar(root, name="cifar10", train=40, test=20, seed=0):
                  key: torch.randint(0, classes, (n,), generator=g).tolist()}
         with open(os.path.join(folder, f), "wb") as fh:
             pickle.dump(batch, fh)
+    return root
+
+
+def write_idx(path, tensor, compress):
+    """LeCun's idx format: 0, 0, dtype 0x08 (ubyte), rank, big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(n.to_bytes(4, "big") for n in tensor.shape)
+    with (gzip.open if compress else open)(path + (".gz" if compress else ""), "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+def write_fashion(root, train=64, test=32, torchvision_layout=False, compress=True, seed=0):
+    """Tiny Fashion-MNIST: 10 classes of 28x28 grey images, each class a brighter band at its own height."""
+    g = torch.Generator().manual_seed(seed)
+    folder = os.path.join(root, "FashionMNIST", "raw") if torchvision_layout else root
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for i, y in enumerate(labels.tolist()):
+            images[i, 2 * y:2 * y + 8] += 150
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), images, compress)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels.to(torch.uint8), compress)
     return root
 
 

@@ -16,6 +16,7 @@ CASES = {
     "msbreg_loss": "from msbreg import msbreg_loss as f; v = f(torch.stack([a, b]), torch.stack([b, a]), "
                    "torch.stack([a, a]))[0]",
     "ifacd_loss": "from ifacd_distill import ifacd_loss as f; v = f(torch.stack([a, b], dim=1), 0.07)",
+    "ifaclr_loss": "from ifaclr import ifaclr_loss as f; v = f(torch.stack([a, b], dim=1), 0.5)",
 }
 PROGRAM = """
 import json, sys, torch

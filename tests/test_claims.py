@@ -1,0 +1,90 @@
+"""scripts/claims.py (`run_table.py claims`): the verdict logic on constructed records (each verdict), and
+the runner end to end on tiny Fashion-MNIST idx files: 2 seeds, a few steps, records, the report, and a
+second call that finds everything done (resume)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, _env, write_fashion
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import claims as C  # noqa: E402  (scripts/claims.py)
+
+
+def records(a_values, b_values, metric="knn20"):
+    """{arm: {seed: record}} for two arms with the given per-seed values."""
+    return {arm: {s: {"metrics": {metric: v}} for s, v in enumerate(values)}
+            for arm, values in (("a", a_values), ("b", b_values))}
+
+
+@pytest.mark.parametrize("a, b, kind, expected", [
+    ([80.0, 81.0, 80.5], [70.0, 70.2, 69.9], ">", "reproduced"),  # +10.5, tight
+    ([70.0, 70.2, 69.9], [80.0, 81.0, 80.5], ">", "reversed"),
+    ([70.0, 72.0, 69.0], [71.0, 70.0, 70.5], ">", "not shown"),  # -1, +2, -1.5
+    ([70.0], [60.0], ">", "too few seeds"),
+    ([70.1, 70.3, 69.8], [70.0, 70.2, 70.0], "~1", "reproduced"),  # within 1 point
+    ([75.0, 75.2, 75.1], [70.0, 70.1, 70.0], "~1", "reversed"),  # 5 points apart
+    ([71.0, 69.0, 72.5], [70.0, 70.0, 70.0], "~1", "not shown"),  # the interval crosses the margin
+])
+def test_verdicts(a, b, kind, expected):
+    diffs, mean, half, verdict = C.compare(records(a, b), ("label", "knn20", "a", "b", kind, ""))
+    assert diffs == pytest.approx([x - y for x, y in zip(a, b)]) and verdict == expected
+
+
+def test_interval_is_the_paired_t_interval():
+    mean, half = C.interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3 ** 0.5)
+
+
+def test_within_run_comparisons_and_missing_seeds():
+    recs = {"run": {0: {"metrics": {"linear": 80.0, "head_linear": 70.0}},
+                    1: {"metrics": {"linear": 81.0, "head_linear": 70.5}},
+                    2: {"metrics": {"linear": 79.0}}}}  # seed 2's second probe is missing: left out
+    diffs, _, _, verdict = C.compare(recs, ("h - g(h)", "linear - head_linear", "run", None, ">", ""))
+    assert diffs == [10.0, 10.5] and verdict == "reproduced"
+    assert C.compare(recs, ("x", "linear", "run", "absent", ">", ""))[3] == "not run"
+
+
+def test_every_claim_names_its_config_arms_and_metrics():
+    for claim, spec in C.CLAIMS.items():
+        assert os.path.isfile(C.config_path(spec["config"])), claim
+        arms = set(spec["arms"]) | set(spec.get("baselines", {}))
+        for label, metric, a, b, kind, paper in spec["comparisons"]:
+            assert a in arms and (b is None or b in arms) and (kind == ">" or kind.startswith("~")), label
+        assert C.header_lines(spec).startswith(f"Claim {claim}"), claim  # the protocol, written first
+
+
+def run_claims(*argv):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "claims", *argv],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_claims_runner_end_to_end(tmp_path):
+    data_dir = write_fashion(str(tmp_path / "data"), train=40, test=20)
+    paths = ["--out_root", str(tmp_path / "out"), "--records", str(tmp_path / "runs"),
+             "--report", str(tmp_path / "claims.md")]
+    argv = ["--claims", "1", "--seeds", "0", "1", "--data_dir", data_dir, "--linear_epochs", "1", *paths,
+            "--", "--epochs", "1", "--max_steps_per_epoch", "2", "--batch_size", "8", "--knn_bank", "0"]
+    first = run_claims(*argv)
+    assert first.count("# running: ") == 2 * (2 + 3)  # per seed: 2 trainings, 3 evaluations (one baseline)
+    for arm in ("stop_grad", "no_stop_grad", "random_init"):
+        for seed in (0, 1):
+            rec = json.load(open(tmp_path / "runs" / "c1" / f"{arm}_seed{seed}.json"))
+            assert {"knn20", "linear"} <= set(rec["metrics"]) and rec["machine"] and rec["git"]
+            assert (arm == "random_init") == ("out_std" not in rec["metrics"])
+    report = open(tmp_path / "claims.md").read()
+    assert "### Claim 1: SimSiam" in report and "| out_std (last epoch): stop-grad - none | 2 |" in report
+    assert "<!-- end of claim 7 -->" in report and report.count("Not run yet.") == len(C.CLAIMS) - 1
+    # resume: everything done is skipped; a lost record comes back from the run's files, without training
+    os.remove(tmp_path / "runs" / "c1" / "no_stop_grad_seed1.json")
+    with open(tmp_path / "claims.md", "a") as f:
+        f.write("\nA note written by hand.\n")
+    second = run_claims(*argv)
+    assert "# running" not in second and second.count("# done") == 5
+    assert os.path.exists(tmp_path / "runs" / "c1" / "no_stop_grad_seed1.json")
+    assert "A note written by hand." in open(tmp_path / "claims.md").read()  # kept outside the blocks
