@@ -204,8 +204,11 @@ def bench_augment(args):
           f"{batched_rate:9.0f} img/s ({batched_rate / pil_rate:.1f}x)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    """bench.py's own flags, and the rest (`extra`) for the script, in their order. No
+    abbreviations: argparse would otherwise take a script's `--compile true` as a prefix of
+    --compiled_hue and `--aug byol` as --augment."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--script", choices=SCRIPTS, help="training script to time")
     parser.add_argument("--augment", action="store_true", help="compare the augmentation pipelines instead")
     parser.add_argument("--batch_size", type=int, default=256, help="global batch")
@@ -220,7 +223,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="--compare: alternating runs per configuration")
     parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
                         help="CPU: keep freed memory in the process (glibc mallopt) as CUDA's allocator does")
-    args, extra = parser.parse_known_args()
+    args, extra = parser.parse_known_args(argv)
+    return parser, args, extra
+
+
+def main():
+    parser, args, extra = parse_args()
     if args.keep_freed_memory == "true" and not torch.cuda.is_available():
         print(f"glibc keeps freed memory (mallopt): {keep_freed_memory()}")
     if args.augment:

@@ -85,7 +85,10 @@ def _raise(message):
 def parse(config_cls, argv=None, description=None):
     """Build the frozen config: defaults < YAML < flags. Raises ConfigError on bad input."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    # allow_abbrev=False: argparse would take any unique prefix of a flag for it (`--epoch 1` as
+    # --epochs), so a typo or another tool's flag could set a field: every flag is spelled out.
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)
     for name, f in fields.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         parser.add_argument(f"--{name}", type=str, nargs="+" if isinstance(default, list) else None,

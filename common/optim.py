@@ -23,36 +23,43 @@ def param_groups(model, weight_decay, exclude_bias_norm=True):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as SimCLR / MoCo v3 / BYOL use it.
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as SimCLR / MoCo v3
+    / BYOL use it.
 
-    For groups without `lars_exclude`: g <- g + wd * w, then g <- g * eta * |w| / |g| (trust ratio; 1 if either
-    norm is 0). Excluded groups (biases, norms) get neither weight decay nor adaptation. `clip` caps the local rate
-    at the global one, trust <- min(trust / lr, 1) (LARC clipping; solo-learn's `clip_lars_lr`, used with eta 0.02).
+    For groups without `lars_exclude`: g <- g + wd * w, then g <- g * eta * |w| / |g| (trust ratio;
+    1 if either norm is 0). Excluded groups (biases, norms) get neither weight decay nor adaptation.
+    `clip` caps the local rate at the global one, trust <- min(trust / lr, 1) (LARC clipping;
+    solo-learn's `clip_lars_lr`, used with eta 0.02). A step runs each op once per group over all
+    its tensors (torch._foreach_*: one kernel launch per op on a GPU, not one per tensor) and never
+    synchronises with the host; on the CPU it equals the per-tensor loop bit for bit.
     """
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip,
-                                      lars_exclude=False))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      clip=clip, lars_exclude=False))
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if not g["lars_exclude"]:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    w_norm, g_norm = torch.norm(p), torch.norm(dp)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm, 1.0)
-                    if g["clip"] and g["lr"] > 0:
-                        trust = torch.clamp(trust / g["lr"], max=1.0)
-                    dp = dp.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(g["momentum"]).add_(dp)
-                p.add_(buf, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not g["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))  # (k,): one norm per tensor
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm, 1.0)
+                if g["clip"] and g["lr"] > 0:
+                    trust = torch.clamp(trust / g["lr"], max=1.0)
+                grads = torch._foreach_mul(grads, trust.unbind())
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
 def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), nesterov=False, lars_eta=0.001,

@@ -33,6 +33,17 @@ def test_defaults_yaml_flags_precedence(tmp_path):
     assert c.epochs == 7 and c.lr == 1e-3 and c.ks == [3]
 
 
+def test_a_yaml_value_a_flag_replaces_is_not_checked(tmp_path):
+    """A preset's value outside the script's choices is no error when a flag replaces it (tests/tiny.yaml's
+    ResNet under ifaclr.py --arch vit_debug); unreplaced, it still is."""
+    path = write(tmp_path, "name: vgg8\nepochs: 5\n")
+    assert config.parse(Cfg, ["--config", path, "--name", "resnet50"]).name == "resnet50"
+    with pytest.raises(ConfigError, match="name='vgg8' is not one of"):
+        config.parse(Cfg, ["--config", path])
+    with pytest.raises(ConfigError, match="unknown key 'nme'"):  # unknown keys are still errors
+        config.parse(Cfg, ["--config", write(tmp_path, "nme: x\n"), "--name", "resnet50"])
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.parse(Cfg, []).lr = 1.0
@@ -62,6 +73,18 @@ def test_yaml_errors_name_the_key(tmp_path, text, message):
 def test_flag_errors(flags, message):
     with pytest.raises(ConfigError, match=message):
         config.parse(Cfg, flags)
+
+
+@pytest.mark.parametrize("flags", [["--epoch", "1"], ["--sync", "false"], ["--l", "0.1"]])
+def test_abbreviated_flags_are_errors_naming_the_flag(flags):
+    """No prefix matching: `--epoch 1` is not --epochs (argparse's allow_abbrev default took it)."""
+    with pytest.raises(ConfigError, match=f"unrecognized arguments: {flags[0]} "):
+        config.parse(Cfg, flags)
+
+
+def test_full_flags_still_parse_in_both_spellings():
+    assert config.parse(Cfg, ["--epochs", "1"]).epochs == 1
+    assert config.parse(Cfg, ["--epochs=2", "--lr=0.5"]) == Cfg(epochs=2, lr=0.5)
 
 
 def test_bools_parse_strictly():
