@@ -144,6 +144,10 @@ def ifaclr_objective(cfg, z):
                   + ifaclr_loss(torch.cat([z2[:, -1:], z1], dim=1), cfg.temperature))
 
 
+def view_recipes(cfg, size):
+    return [augment.simclr_recipe(size, cfg.color_strength, cfg.blur, cfg.crop_min)]  # both views
+
+
 def build_model(cfg, size):
     backbone = models.build_model(cfg.arch, image_size=size, patch_size=cfg.patch_size,
                                   num_heads=cfg.num_heads,
@@ -198,9 +202,9 @@ def main():
 
     # ----- data: SimCLR's recipe, one view (lwclr) or two (simlwclr) -----
     size = data.image_size(cfg)
-    recipe = augment.simclr_recipe(size, cfg.color_strength, cfg.blur, cfg.crop_min)
-    views = augment.ViewMaker([recipe], 1 if cfg.method == "lwclr" else 2, ctx.device,
-                              cfg.aug_device, cfg.dataset, cfg.compile, channels_last=False)
+    num_views = 1 if cfg.method == "lwclr" else 2
+    views = augment.ViewMaker(view_recipes(cfg, size), num_views, ctx.device, cfg.aug_device,
+                              cfg.dataset, cfg.compile, channels_last=False)
     dataset = data.build_dataset(cfg.dataset, cfg.data_dir, "pretrain", views.transform,
                                  cfg.download)
     loader = data.train_loader(dataset, batch_per_rank, ctx, cfg.num_workers, cfg.seed)

@@ -57,6 +57,19 @@ def test_every_claim_names_its_config_arms_and_metrics():
         assert C.header_lines(spec).startswith(f"Claim {claim}"), claim  # the protocol, written first
 
 
+@pytest.mark.parametrize("claim", sorted(C.CLAIMS))
+def test_every_arm_parses(claim):
+    """Each arm's command line (its config + flags) parses against its script's Config, as does a setup run's."""
+    import importlib
+    from common import config
+    spec = C.CLAIMS[claim]
+    module = importlib.import_module(spec["script"][:-3])
+    for flags in spec["arms"].values():
+        config.parse(module.Config, ["--config", C.config_path(spec["config"]), *flags])
+    for cfg, flags in spec.get("setup", {}).values():
+        config.parse(module.Config, ["--config", C.config_path(cfg), *flags])
+
+
 def run_claims(*argv):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "claims", *argv],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)

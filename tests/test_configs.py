@@ -11,8 +11,9 @@ from common import config
 from conftest import ROOT
 
 SCRIPTS = {"simclr": "simclr", "mocov3": "mocov3", "byol": "byol", "simsiam_gsg": "simsiam_gsg", "sdssl": "sdssl",
-           "msbreg": "msbreg", "ifacd_distill": "ifacd_distill"}
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "**", "*.yaml"), recursive=True))
+           "msbreg": "msbreg", "ifacd_distill": "ifacd_distill", "ifaclr": "ifaclr"}
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "**", "*.yaml"), recursive=True)
+                 if os.sep + "claims" + os.sep not in p)  # configs/claims/: tests/test_claims.py, with each arm
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
