@@ -236,7 +236,7 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         import json
         json.dump({"claim": claim, "arm": arm, "seed": seed, "metrics": {**metrics, **logged}, "curves": curves,
                    "train_s": times.get("train_s", 0.0), "eval_s": times.get("eval_s", 0.0),
-                   "jobs": args.jobs, "threads": threads or None,
+                   "jobs": args.jobs, "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
                    "command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
                    if cmd else "eval.frozen only", "git": git_commit(), "machine": machine()}, f, indent=1)
 
