@@ -151,8 +151,8 @@ def ema_update(target, model, tau):
     """Sec. 3.1: xi <- tau * xi + (1 - tau) * theta, for every parameter of the target, matched by
     name with the online network's."""
     online = dict(model.named_parameters())
-    for name, p_xi in target.named_parameters():
-        p_xi.mul_(tau).add_(online[name].detach(), alpha=1.0 - tau)
+    names, xi = zip(*target.named_parameters())
+    optim.ema_(list(xi), [online[name] for name in names], tau)
 
 
 def byol_loss(p, z):

@@ -400,13 +400,23 @@ class CRDMemory(nn.Module):
         self.register_buffer("bank_t", torch.rand(n_data, dim) * 2 * stdv - stdv)
         self.register_buffer("z", torch.full((2,), -1.0))  # (Z_s, Z_t); negative = not fixed yet
         self.momentum = momentum
+        self.z_fixed = None  # whether z is fixed, read from z once (see fix_normalisers)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded z is read again at the next step
+        super()._load_from_state_dict(*args, **kwargs)
+        self.z_fixed = None
 
     @torch.no_grad()
     def fix_normalisers(self, e_s, e_t):
-        """Z = mean score x n_data on the first batch, the mean over all ranks (one Z for all)."""
-        if self.z[0] < 0:
+        """Z = mean score x n_data on the first batch, the mean over all ranks (one Z for all). The
+        buffer says whether Z is fixed (a resumed run's is); it is read once, not every step:
+        reading a device value makes the GPU wait for the host."""
+        if self.z_fixed is None:
+            self.z_fixed = bool(self.z[0] >= 0)
+        if not self.z_fixed:
             means = dist.all_reduce_sum(torch.stack([e_s.mean(), e_t.mean()])) / dist.world_size()
             self.z.copy_(means * self.bank_s.shape[0])
+            self.z_fixed = True
         return self.z
 
     @torch.no_grad()
@@ -564,8 +574,8 @@ class AB:
     def init_modules(self, student):
         return [self.state, student.feat_modules()]
 
-    def init_loss(self, s, t):
-        return ab_loss(floats(self.state(s.preact[1:])), floats(t.preact[1:]))
+    def init_loss(self, s, t):  # outside autocast, as every loss: the connectors run in float32
+        return ab_loss(floats(self.state(floats(s.preact[1:]))), floats(t.preact[1:]))
 
 
 # ===== FT: factor transfer (Kim et al. 2018, arXiv:1802.04977; RepDistiller `FactorTransfer`) =====
@@ -651,16 +661,16 @@ class FT:
 
     def loss(self, s, t, z, idx, sample):  # z = (the student's factor, the teacher's map)
         factor_s, f_t = z
-        with torch.no_grad():
-            factor_t = self.state.factor(f_t)
-        return factor_loss(factor_s.float(), factor_t.float())
+        with torch.no_grad():  # outside autocast, as every loss: the paraphraser runs in float32
+            factor_t = self.state.factor(f_t.float())
+        return factor_loss(factor_s.float(), factor_t)
 
     def init_modules(self, student):
         return [self.state]
 
     def init_loss(self, s, t):
-        f_t = t.stages[-1]
-        return reconstruction_loss(self.state.reconstruct(f_t).float(), f_t.float())
+        f_t = t.stages[-1].float()  # outside autocast: the paraphraser runs in float32
+        return reconstruction_loss(self.state.reconstruct(f_t), f_t)
 
 
 # ========== FSP: flow of solution procedure (Yim et al. 2017, CVPR; RepDistiller `FSP`) ===========

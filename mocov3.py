@@ -151,8 +151,8 @@ def ema_update(momentum_encoder, model, m):
     momentum encoder (frozen ones included, as the official code does), matched by name with the
     base encoder's."""
     online = dict(model.named_parameters())
-    for name, p_k in momentum_encoder.named_parameters():
-        p_k.mul_(m).add_(online[name].detach(), alpha=1.0 - m)
+    names, keys = zip(*momentum_encoder.named_parameters())
+    optim.ema_(list(keys), [online[name] for name in names], m)
 
 
 def mocov3_loss(q, k, temperature):

@@ -146,9 +146,13 @@ def cross_view_loss(p, z):
     num_views = p.shape[0]
     cos = torch.einsum("jbd,lbd->jlb", F.normalize(p, dim=-1),
                        F.normalize(z.detach(), dim=-1))  # (K, K, B)
-    pairs = ~torch.eye(num_views, dtype=torch.bool, device=p.device)  # (K, K): drop j == l
-    # sum over the pairs, mean over the images
-    return (2 - 2 * cos[pairs]).view(num_views * (num_views - 1), -1).sum(dim=0).mean()
+    # the ordered pairs j != l, row by row, by arithmetic on the device (a boolean mask would make
+    # the GPU wait for the host to count its entries)
+    m = torch.arange(num_views * (num_views - 1), device=p.device)
+    j, l = m // (num_views - 1), m % (num_views - 1)
+    l = l + (l >= j)  # skip the diagonal
+    pair_cos = cos.flatten(0, 1)[j * num_views + l]  # (K(K-1), B)
+    return (2 - 2 * pair_cos).sum(dim=0).mean()  # sum over the pairs, mean over the images
 
 
 def singular_value_loss(p):
@@ -206,8 +210,8 @@ def ema_update(target, online, tau):
     every step (the paper calls its EMA "bias-corrected" without saying more). The target's BN
     running statistics are its own (it runs in train mode)."""
     theta = dict(online.named_parameters())
-    for name, xi in target.named_parameters():
-        xi.mul_(tau).add_(theta[name].detach(), alpha=1.0 - tau)
+    names, xi = zip(*target.named_parameters())
+    optim.ema_(list(xi), [theta[name] for name in names], tau)
 
 
 def view_recipes(cfg, size):

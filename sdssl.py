@@ -269,8 +269,8 @@ class Teacher(nn.Module):
 def ema_update(teacher, student, m):
     """xi <- m xi + (1 - m) theta for the teacher's backbone and projector (matched by name)."""
     online = dict(student.named_parameters())
-    for name, p in teacher.named_parameters():
-        p.mul_(m).add_(online[name].detach(), alpha=1.0 - m)
+    names, xi = zip(*teacher.named_parameters())
+    optim.ema_(list(xi), [online[name] for name in names], m)
 
 
 def contrastive_loss(q, k, temperature, num_layers=1):

@@ -149,7 +149,9 @@ def partner_views(views):
     batch (no collective), so a partner never comes from another GPU; r(i) = i is possible, as in
     the authors' code. Returns (views, r)."""
     x11, x12, x21, x22 = views  # each (n, 3, H, W), row i from image i
-    r = torch.randperm(x11.shape[0])  # torch's RNG, reseeded per epoch and rank: bit-exact resume
+    # torch's RNG, reseeded per epoch and rank (bit-exact resume); drawn on the views' device, so
+    # the index needs no copy from the host
+    r = torch.randperm(x11.shape[0], device=x11.device)
     return [x11, x12, x21[r], x22[r]], r
 
 
@@ -196,8 +198,7 @@ def ema_update(target, online, m):
     """theta_target <- m theta_target + (1 - m) theta_online (BYOL Eq. 1), over parameters only:
     gsg/builder.py updates `parameters()`, and the target's BN statistics come from its own forward
     passes in train mode."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.mul_(m).add_(o.detach(), alpha=1.0 - m)
+    optim.ema_(list(target.parameters()), list(online.parameters()), m)
 
 
 # ============================================ training ============================================
