@@ -12,7 +12,8 @@ against the other view's last N blocks. `layer_cos` in log.jsonl measures the sl
 Reproduces the prototype's defaults (configs/ifaclr/; METHODS.md section 8); the slides report no
 numbers. Deviations: ImageNet's mean/std (the prototype: CIFAR's); warmup in whole epochs (its 1000
 steps); SupCon's tau / base_tau factor is 1, as in the IFACD fork; the backbone's final LayerNorm is
-off the training path (`IFACLR.__init__`); BN heads share batch statistics over the N layers.
+off the training path (`IFACLR.__init__`); BN heads share batch statistics over the N layers;
+simlwclr takes both directions every step (the prototype alternates them: `ifaclr_objective`).
 
 Run
     torchrun --standalone --nproc_per_node=8 ifaclr.py --data_dir /data/imagenet   # lwclr, ViT-S/16

@@ -12,7 +12,9 @@ Deviations and choices (the detail is at the named flag, line or YAML header):
 - the configs' ViT-S has the authors' 6 heads (evidence in each YAML header): `--num_heads`;
 - some configs take alpha from the authors' code, not the paper: `--alpha_max`;
 - teacher momentum from the authors' code, not MoCo v3: `--base_momentum`; bf16 autocast: `--amp`;
-- which blocks MLP/n uses: `isd_layers`; the ResNet heads (the paper gives none): `build_heads`.
+- which blocks MLP/n uses: `isd_layers`; the ResNet heads (the paper gives none): `build_heads`;
+- not copied from the authors' code: its warmup peaks one step earlier (a linspace), and its SD-BYOL
+  averages the loss over all 12 layers at step 0 only: `train_one_epoch` (a step's difference).
 
 Run
     torchrun --standalone --nproc_per_node=8 sdssl.py --data_dir /data/imagenet  # SD-MoCo v3, S/16
