@@ -1,21 +1,27 @@
-"""Benchmark the real training step of any script (nanoGPT's bench.py idea), or the augmentation pipelines.
+"""Benchmark the real training step of any script (nanoGPT's bench.py idea),
+or the augmentation pipelines.
 
-    python bench.py --script simclr --arch resnet18 --batch_size 256                # training step, CPU or GPU
-    python bench.py --script mocov3 --arch vit_small --image_size 224 --batch_size 128 --amp bf16 --mfu
-    python bench.py --script simclr --data off ...                                   # loader excluded: step only
-    python bench.py --augment --image_size 32 --batch_size 512                       # PIL vs batched views, per core
-    python bench.py --script sdssl --arch vit_small --image_size 224 --batch_size 16 --compare "--alpha_max 0 \
-        --pred_loss false" --repeat 3        # plain (the --compare flags) vs SD, alternating runs, prints the ratio
+    python bench.py --script simclr --arch resnet18 --batch_size 256  # training step, CPU or GPU
+    python bench.py --script mocov3 --arch vit_small --image_size 224 --batch_size 128 --amp bf16 \
+        --mfu
+    python bench.py --script simclr --data off ...                    # loader excluded: step only
+    python bench.py --augment --image_size 32 --batch_size 512      # PIL vs batched views, per core
+    python bench.py --script sdssl --arch vit_small --image_size 224 --batch_size 16 \
+        --compare "--alpha_max 0 --pred_loss false" --repeat 3
+        # plain (the --compare flags) vs SD, alternating runs, prints the ratio
 
-Training mode runs the script's own main() in this process on `fake` data (random uint8 images held in memory, at
---image_size), for a warm-up epoch and a measured epoch of --steps steps, and prints images/s, peak memory and the
-fraction of time spent waiting for data. A second, instrumented run synchronises around every optimizer step to split
-the step time into data / forward+backward (everything else in the step) / optimizer. --mfu counts the model FLOPs
-of one step with torch.utils.flop_counter and divides the achieved FLOP/s by --peak_tflops. Every flag bench.py does
-not know is passed to the script (`--compile true`, `--aug_device gpu`, ...). Checkpoints go to a temporary folder.
-Numbers vary with the machine's load: run twice, and compare figures only from the same run or the same idle machine.
-On the CPU, bench.py asks glibc to keep freed memory (see keep_freed_memory; --keep_freed_memory false to measure
-without): allocation costs otherwise blur small differences between configurations.
+Training mode runs the script's own main() in this process on `fake` data (random uint8 images held
+in memory, at --image_size), for a warm-up epoch and a measured epoch of --steps steps, and prints
+images/s, peak memory and the fraction of time spent waiting for data. A second, instrumented run
+synchronises around every optimizer step to split the step time into data / forward+backward
+(everything else in the step) / optimizer. --mfu counts the model FLOPs of one step with
+torch.utils.flop_counter and divides the achieved FLOP/s by --peak_tflops. Every flag bench.py does
+not know is passed to the script (`--compile true`, `--aug_device gpu`, ...). Checkpoints go to a
+temporary folder.
+Numbers vary with the machine's load: run twice, and compare figures only from the same run or the
+same idle machine.
+On the CPU, bench.py asks glibc to keep freed memory (see keep_freed_memory; --keep_freed_memory
+false to measure without): allocation costs otherwise blur small differences between configurations.
 """
 import argparse
 import ctypes
@@ -35,7 +41,8 @@ SCRIPTS = ("simclr", "mocov3", "byol", "simsiam_gsg", "sdssl", "msbreg", "ifacd_
 
 
 class RepeatLoader:
-    """--data off: the first batch of the real loader, again and again (sampler and length kept for the script)."""
+    """--data off: the first batch of the real loader, again and again (sampler and length kept for
+    the script)."""
 
     def __init__(self, loader):
         self.sampler, self.length = loader.sampler, len(loader)
@@ -49,7 +56,8 @@ class RepeatLoader:
 
 
 def timed_optimizers(records):
-    """Wrap common.optim.build_optimizer so every optimizer step is synchronised and timed into `records`."""
+    """Wrap common.optim.build_optimizer so every optimizer step is synchronised and timed into
+    `records`."""
     build = optim.build_optimizer
 
     def build_timed(*args, **kwargs):
@@ -69,14 +77,15 @@ def timed_optimizers(records):
 
 
 def keep_freed_memory():
-    """On the CPU, glibc returns every large freed tensor to the OS and the next step page-faults it back in, which
-    slows down the steps that allocate most (about 5% on a ViT-S step here). CUDA's caching allocator keeps freed
-    blocks; this asks glibc to do the same (mallopt: no mmap threshold, no trimming). No-op elsewhere."""
+    """On the CPU, glibc returns every large freed tensor to the OS and the next step page-faults it
+    back in, which slows down the steps that allocate most (about 5% on a ViT-S step here). CUDA's
+    caching allocator keeps freed blocks; this asks glibc to do the same (mallopt: no mmap
+    threshold, no trimming). No-op elsewhere."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        # mallopt takes a C int: 2**31 - 1 is the largest trim threshold (a larger Python int wraps around to 0,
-        # which would trim on every free).
+        # mallopt takes a C int: 2**31 - 1 is the largest trim threshold (a larger Python int wraps
+        # around to 0, which would trim on every free).
         ok = libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1)
         return bool(ok)
     except OSError:
@@ -90,10 +99,13 @@ def sync():
 
 def run_script(module, args, extra, epochs, steps, out):
     """Run module.main() with the benchmark's overrides; returns the last epoch's log.jsonl row."""
-    overrides = dict(dataset="fake", epochs=epochs, max_steps_per_epoch=steps, eval_every=0, output_dir=out,
-                     log_every=1000000, save_every=0, num_workers=0, image_size=args.image_size)
-    known = {f.name for f in dataclasses.fields(module.Config)}  # ifacd_distill.py has no image_size, say
-    argv = [a for k, v in overrides.items() if k in known and f"--{k}" not in extra for a in (f"--{k}", str(v))]
+    overrides = dict(dataset="fake", epochs=epochs, max_steps_per_epoch=steps, eval_every=0,
+                     output_dir=out, log_every=1000000, save_every=0, num_workers=0,
+                     image_size=args.image_size)
+    # ifacd_distill.py has no image_size, say
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    argv = [a for k, v in overrides.items() if k in known and f"--{k}" not in extra
+            for a in (f"--{k}", str(v))]
     sys.argv = [module.__name__ + ".py"] + argv + extra  # the script's own flags come last and win
     if os.path.exists(os.path.join(out, "last.pt")):
         os.remove(os.path.join(out, "last.pt"))  # a fresh run, not a resume
@@ -112,7 +124,8 @@ def bench_training(args, extra):
         real = data.train_loader
         data.train_loader = lambda *a, **k: RepeatLoader(real(*a, **k))
     with tempfile.TemporaryDirectory() as out:
-        row = run_script(module, args, extra, epochs=2, steps=args.steps, out=out)  # epoch 0 warms up
+        # epoch 0 warms up
+        row = run_script(module, args, extra, epochs=2, steps=args.steps, out=out)
         records = []
         optim.build_optimizer = timed_optimizers(records)
         split = run_script(module, args, extra, epochs=2, steps=args.steps, out=out)
@@ -122,22 +135,23 @@ def bench_training(args, extra):
     data_ms = split["data_frac"] * step_ms
     mem = (f"peak GPU memory {row['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in row
            else f"peak RSS {row['peak_rss_gb']:.2f} GB")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({torch.get_num_threads()} threads)")
     print(f"\n{args.script} {' '.join(extra)} | {world} rank(s), {device}")
-    print(f"  {row['img_per_s']:.1f} img/s ({1000 * args.batch_size / row['img_per_s']:.1f} ms/step), "
-          f"data wait {100 * row['data_frac']:.1f}%, {mem}")
+    print(f"  {row['img_per_s']:.1f} img/s ({1000 * args.batch_size / row['img_per_s']:.1f} "
+          f"ms/step), data wait {100 * row['data_frac']:.1f}%, {mem}")
     print(f"  instrumented step {step_ms:.1f} ms: data {data_ms:.1f} ms | forward+backward "
           f"{step_ms - data_ms - opt_ms:.1f} ms | optimizer {opt_ms:.1f} ms")
     if flops:
         achieved = flops / args.batch_size * row["img_per_s"] / world  # per GPU
         mfu = f", MFU {100 * achieved / (args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else ""
-        print(f"  model FLOPs {flops / args.batch_size / 1e9:.2f} GFLOP/img (fwd+bwd), {achieved / 1e12:.1f} "
-              f"TFLOP/s per device{mfu}")
+        print(f"  model FLOPs {flops / args.batch_size / 1e9:.2f} GFLOP/img (fwd+bwd), "
+              f"{achieved / 1e12:.1f} TFLOP/s per device{mfu}")
 
 
 def bench_compare(args, extra):
-    """Step time of the script's flags vs the same flags + --compare, in alternating runs (so load drift on a shared
-    machine hits both alike); prints the medians and the ratio."""
+    """Step time of the script's flags vs the same flags + --compare, in alternating runs (so load
+    drift on a shared machine hits both alike); prints the medians and the ratio."""
     module = importlib.import_module(args.script)
     data.FAKE_SIZES.update(train=args.steps * args.batch_size, side=args.image_size)
     base = extra + ["--batch_size", str(args.batch_size)]
@@ -149,10 +163,11 @@ def bench_compare(args, extra):
                 row = run_script(module, args, flags, epochs=2, steps=args.steps, out=out)
                 times[name].append(1000 * args.batch_size / row["img_per_s"])
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    print(f"\n{args.script} {' '.join(base)}: step time, median of {args.repeat} alternating runs of {args.steps} "
-          f"steps")
+    print(f"\n{args.script} {' '.join(base)}: step time, median of {args.repeat} alternating runs "
+          f"of {args.steps} steps")
     for name, flags in variants.items():
-        print(f"  {name:8s} {med[name]:8.1f} ms  (runs: {', '.join(f'{t:.0f}' for t in times[name])})"
+        print(f"  {name:8s} {med[name]:8.1f} ms  "
+              f"(runs: {', '.join(f'{t:.0f}' for t in times[name])})"
               + (f"  [{args.compare}]" if name == "compare" else ""))
     print(f"  ratio compare / base: {med['compare'] / med['base']:.3f}")
 
@@ -167,14 +182,16 @@ def count_flops(module, args, extra, out):
 
 
 def bench_augment(args):
-    """Two SimCLR-recipe views per image: torchvision on PIL (as a loader worker does) vs batched tensor ops, one
-    thread each, on the same images in the same run. Both are warmed up, timed over at least 1024 images, and
-    repeated five times in turn; the best of each is printed (images/s per core)."""
+    """Two SimCLR-recipe views per image: torchvision on PIL (as a loader worker does) vs batched
+    tensor ops, one thread each, on the same images in the same run. Both are warmed up, timed over
+    at least 1024 images, and repeated five times in turn; the best of each is printed (images/s per
+    core)."""
     torch.set_num_threads(1)
     recipe = augment.simclr_recipe(args.image_size, strength=0.5, blur=args.image_size > 32)
     data.FAKE_SIZES.update(train=args.batch_size, side=args.image_size)
     images = data.fake_set("train").images  # (B, S, S, 3) uint8
-    pil = data.ArrayDataset(images, torch.zeros(len(images)), augment.TwoViews(augment.to_torchvision(recipe)))
+    pil = data.ArrayDataset(images, torch.zeros(len(images)),
+                            augment.TwoViews(augment.to_torchvision(recipe)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     views = augment.ViewMaker([recipe], 2, device, "gpu", "fake", compiled=args.compiled_hue)
     n_pil = max(1024, len(images))
@@ -197,10 +214,12 @@ def bench_augment(args):
     time_pil(), time_batched()  # warm-up (and compilation of the hue op with --compiled_hue)
     rates = [(time_pil(), time_batched()) for _ in range(5)]
     pil_rate, batched_rate = max(r[0] for r in rates), max(r[1] for r in rates)
-    print(f"two {args.image_size}px views, SimCLR recipe (s=0.5{', blur' if recipe.blur_p else ', no blur'}), "
-          f"batch {len(images)}, one CPU thread, best of 5:")
+    print(f"two {args.image_size}px views, SimCLR recipe "
+          f"(s=0.5{', blur' if recipe.blur_p else ', no blur'}), batch {len(images)}, one CPU "
+          f"thread, best of 5:")
     print(f"  torchvision (PIL)       {pil_rate:9.0f} img/s per core")
-    print(f"  batched on {device.type:4s}{' (compiled hue)' if args.compiled_hue else '               '}"
+    print(f"  batched on {device.type:4s}"
+          f"{' (compiled hue)' if args.compiled_hue else '               '}"
           f"{batched_rate:9.0f} img/s ({batched_rate / pil_rate:.1f}x)")
 
 
@@ -210,19 +229,28 @@ def parse_args(argv=None):
     --compiled_hue and `--aug byol` as --augment."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--script", choices=SCRIPTS, help="training script to time")
-    parser.add_argument("--augment", action="store_true", help="compare the augmentation pipelines instead")
+    parser.add_argument("--augment", action="store_true",
+                        help="compare the augmentation pipelines instead")
     parser.add_argument("--batch_size", type=int, default=256, help="global batch")
     parser.add_argument("--image_size", type=int, default=32, help="fake image and crop size")
-    parser.add_argument("--steps", type=int, default=10, help="steps per epoch (warm-up epoch + measured epoch)")
-    parser.add_argument("--data", choices=("on", "off"), default="on", help="off: time the step without the loader")
-    parser.add_argument("--mfu", action="store_true", help="count model FLOPs and report FLOP/s (and MFU)")
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16 dense: 989)")
-    parser.add_argument("--compiled_hue", action="store_true", help="--augment: torch.compile the hue op")
-    parser.add_argument("--compare", default="", help="extra script flags for a second configuration, timed in "
-                                                      "alternating runs against the first (prints the ratio)")
-    parser.add_argument("--repeat", type=int, default=3, help="--compare: alternating runs per configuration")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="steps per epoch (warm-up epoch + measured epoch)")
+    parser.add_argument("--data", choices=("on", "off"), default="on",
+                        help="off: time the step without the loader")
+    parser.add_argument("--mfu", action="store_true",
+                        help="count model FLOPs and report FLOP/s (and MFU)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0,
+                        help="device peak for MFU (H100 SXM bf16 dense: 989)")
+    parser.add_argument("--compiled_hue", action="store_true",
+                        help="--augment: torch.compile the hue op")
+    parser.add_argument("--compare", default="",
+                        help="extra script flags for a second configuration, timed in alternating "
+                             "runs against the first (prints the ratio)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="--compare: alternating runs per configuration")
     parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                        help="CPU: keep freed memory in the process (glibc mallopt) as CUDA's allocator does")
+                        help="CPU: keep freed memory in the process (glibc mallopt) as CUDA's "
+                             "allocator does")
     args, extra = parser.parse_known_args(argv)
     return parser, args, extra
 

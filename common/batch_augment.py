@@ -33,14 +33,16 @@ def _uniform(n, low, high, device):
 
 
 def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
-    """(n, 4) boxes x1, y1, x2, y2 in pixels, sampled as torchvision's RandomResizedCrop.get_params, batched."""
+    """(n, 4) boxes x1, y1, x2, y2 in pixels, sampled as torchvision's RandomResizedCrop.get_params,
+    batched."""
     area = height * width
     target = area * _uniform(n * 10, scale[0], scale[1], device).view(n, 10)
     aspect = torch.exp(_uniform(n * 10, math.log(ratio[0]), math.log(ratio[1]), device)).view(n, 10)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), -1)  # the first attempt that fits, as torchvision's loop
+    # the first attempt that fits, as torchvision's loop
+    first = torch.where(ok.any(1), ok.float().argmax(1), -1)
     pick = first.clamp(min=0)[:, None]
     w, h = w.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0]
     # Fallback (no attempt fit): the largest central crop with the ratio clamped into range.
@@ -58,24 +60,31 @@ def crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
 
 
 def resized_crops(x, boxes, size, flip=None):
-    """Crop each image of (n, 3, H, W) to its box and resize to size x size, bilinear. When every crop is enlarged
-    (output size >= image size: CIFAR at 32, STL-10 at 96) grid_sample gives exactly crop-then-bilinear-resize;
-    otherwise roi_align averages the source pixels of each output pixel, as an antialiased resize does (it may
-    read up to half a pixel beyond the crop's edge). `flip` (n,) bool mirrors those crops horizontally."""
+    """Crop each image of (n, 3, H, W) to its box and resize to size x size, bilinear. When every
+    crop is enlarged (output size >= image size: CIFAR at 32, STL-10 at 96) grid_sample gives
+    exactly crop-then-bilinear-resize; otherwise roi_align averages the source pixels of each
+    output pixel, as an antialiased resize does (it may read up to half a pixel beyond the crop's
+    edge). `flip` (n,) bool mirrors those crops horizontally."""
     n, _, height, width = x.shape
     if size >= max(height, width):
-        v = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # output pixel centres in [0, 1]
+        # output pixel centres in [0, 1]
+        v = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size
         x1, y1, x2, y2 = boxes[:, :, None].unbind(1)  # each (n, 1)
-        # A mirrored crop samples its columns right to left (the flip costs nothing here); its rows keep their order.
-        u = v if flip is None else torch.where(flip[:, None], 1.0 - v, v)  # (n, size) or (size,): columns only
-        # Source positions in pixel-edge units, clamped to the crop's first and last pixel centres: resizing a
-        # cropped image never reads outside the crop.
+        # A mirrored crop samples its columns right to left (the flip costs nothing here); its rows
+        # keep their order.
+        # (n, size) or (size,): columns only
+        u = v if flip is None else torch.where(flip[:, None], 1.0 - v, v)
+        # Source positions in pixel-edge units, clamped to the crop's first and last pixel centres:
+        # resizing a cropped image never reads outside the crop.
         px = torch.minimum(torch.maximum(x1 + u * (x2 - x1), x1 + 0.5), x2 - 0.5)  # (n, size)
         py = torch.minimum(torch.maximum(y1 + v * (y2 - y1), y1 + 0.5), y2 - 0.5)
-        gx, gy = px * (2.0 / width) - 1, py * (2.0 / height) - 1  # grid_sample's [-1, 1] (align_corners=False)
-        grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
+        # grid_sample's [-1, 1] (align_corners=False)
+        gx, gy = px * (2.0 / width) - 1, py * (2.0 / height) - 1
+        grid = torch.stack([gx[:, None, :].expand(n, size, size),
+                            gy[:, :, None].expand(n, size, size)], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    rois = torch.cat([torch.arange(n, device=x.device, dtype=x.dtype)[:, None], boxes], dim=1)  # (n, 5)
+    rois = torch.cat([torch.arange(n, device=x.device, dtype=x.dtype)[:, None], boxes],
+                     dim=1)  # (n, 5)
     out = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return out if flip is None else torch.where(flip[:, None, None, None], out.flip(-1), out)
 

@@ -1,7 +1,9 @@
-"""Logging: print0 (rank 0 only, explicit), device-side meters, log.jsonl rows, and the training progress line.
+"""Logging: print0 (rank 0 only, explicit), device-side meters, log.jsonl rows, and the training
+progress line.
 
-Nothing here syncs the GPU every step: meters accumulate on the device and are read every `log_every` steps,
-which is also when a non-finite loss is reported (with the exact step at which it first appeared).
+Nothing here syncs the GPU every step: meters accumulate on the device and are read every
+`log_every` steps, which is also when a non-finite loss is reported (with the exact step at which it
+first appeared).
 """
 import json
 import os
@@ -29,8 +31,8 @@ def print0(*args, **kwargs):
 
 def git_sha():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=sys.path[0] or None)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=sys.path[0] or None)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -50,16 +52,17 @@ def end_epoch(output_dir, epoch, step, row):
 
 
 def output_std(z):
-    """The collapse monitor every SSL script logs as `out_std` (SimSiam Sec. 4.1, Fig. 2): the std over the batch of
-    each channel of the L2-normalised outputs, averaged over channels (and over any leading dims). z: (..., n, D),
-    the projections the loss compares with (the targets' side). About 1/sqrt(D) when the outputs spread over the
-    sphere, 0 when they have collapsed to one vector. On the device: no host sync."""
+    """The collapse monitor every SSL script logs as `out_std` (SimSiam Sec. 4.1, Fig. 2): the std
+    over the batch of each channel of the L2-normalised outputs, averaged over channels (and over
+    any leading dims). z: (..., n, D), the projections the loss compares with (the targets' side).
+    About 1/sqrt(D) when the outputs spread over the sphere, 0 when they have collapsed to one
+    vector. On the device: no host sync."""
     return F.normalize(z.detach().float(), dim=-1).std(dim=-2).mean()
 
 
 class Meter:
-    """Running average of a scalar tensor, kept on its device. Also records the first step whose value was not
-    finite, so the check costs no GPU sync per step (`check` syncs once)."""
+    """Running average of a scalar tensor, kept on its device. Also records the first step whose
+    value was not finite, so the check costs no GPU sync per step (`check` syncs once)."""
 
     def __init__(self):
         self.total, self.count, self.first_bad = 0.0, 0, None
@@ -69,12 +72,14 @@ class Meter:
         self.total = self.total + value * n
         self.count += n
         bad = torch.where(torch.isfinite(value), -1, step)
-        self.first_bad = bad if self.first_bad is None else torch.where(self.first_bad >= 0, self.first_bad, bad)
+        self.first_bad = (bad if self.first_bad is None
+                          else torch.where(self.first_bad >= 0, self.first_bad, bad))
 
     def check(self, name="loss"):
         if self.first_bad is not None and int(self.first_bad) >= 0:
-            raise FloatingPointError(f"{name} is not finite at step {int(self.first_bad)}; lower the learning rate, "
-                                     f"try --amp none, or resume from the last good last.pt")
+            raise FloatingPointError(f"{name} is not finite at step {int(self.first_bad)}; lower "
+                                     f"the learning rate, try --amp none, or resume from the last "
+                                     f"good last.pt")
 
     @property
     def avg(self):
@@ -95,8 +100,9 @@ def _cuda():
 
 
 def reset_peak_memory():
-    """Count peak memory from here on: CUDA's allocator statistics, or on Linux the process's resident-set high-water
-    mark (writing 5 to /proc/self/clear_refs resets it; elsewhere the CPU peak includes everything before)."""
+    """Count peak memory from here on: CUDA's allocator statistics, or on Linux the process's
+    resident-set high-water mark (writing 5 to /proc/self/clear_refs resets it; elsewhere the CPU
+    peak includes everything before)."""
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
         return
@@ -108,20 +114,24 @@ def reset_peak_memory():
 
 
 def peak_memory():
-    """{'peak_mem_gb': tensors allocated on this GPU} on CUDA, {'peak_rss_gb': the process's peak RSS} on the CPU
-    (which also holds the dataset and torch itself: compare runs with each other, not with GPU figures)."""
+    """{'peak_mem_gb': tensors allocated on this GPU} on CUDA, {'peak_rss_gb': the process's peak
+    RSS} on the CPU (which also holds the dataset and torch itself: compare runs with each other,
+    not with GPU figures)."""
     if _cuda():
         return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+    # Linux reports KiB
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class Progress:
-    """Iterates over a loader for one epoch (stopping after `max_steps` if > 0), measures the time spent waiting
-    for data, and shows a tqdm bar on a terminal or prints one line every `log_every` steps otherwise (rank 0).
+    """Iterates over a loader for one epoch (stopping after `max_steps` if > 0), measures the time
+    spent waiting for data, and shows a tqdm bar on a terminal or prints one line every `log_every`
+    steps otherwise (rank 0).
     `batch_size` is the global batch, so img/s counts all ranks."""
 
     def __init__(self, loader, epoch, max_steps, log_every, batch_size):
-        self.loader, self.epoch, self.log_every, self.batch_size = loader, epoch, log_every, batch_size
+        self.loader, self.epoch, self.log_every, self.batch_size = (loader, epoch, log_every,
+                                                                    batch_size)
         self.total = min(len(loader), max_steps) if max_steps > 0 else len(loader)
         self.bar = tqdm(total=self.total, desc=f"epoch {epoch}", dynamic_ncols=True,
                         disable=not (is_main() and sys.stderr.isatty()))
@@ -143,18 +153,21 @@ class Progress:
         self.img_per_s = self.total * self.batch_size / max(1e-9, self.elapsed)
 
     def stats(self):
-        """The epoch's throughput for log.jsonl: images/s over all ranks, the fraction of the time spent waiting for
-        data, and the epoch's peak memory (see peak_memory)."""
-        return {"img_per_s": self.img_per_s, "data_frac": self.data_time / max(1e-9, self.elapsed), **peak_memory()}
+        """The epoch's throughput for log.jsonl: images/s over all ranks, the fraction of the time
+        spent waiting for data, and the epoch's peak memory (see peak_memory)."""
+        return {"img_per_s": self.img_per_s, "data_frac": self.data_time / max(1e-9, self.elapsed),
+                **peak_memory()}
 
     def log(self, i, step, meter, **fields):
-        """Call once per step with the step index in the epoch; prints every log_every steps (and checks the loss)."""
+        """Call once per step with the step index in the epoch; prints every log_every steps (and
+        checks the loss)."""
         if (i + 1) % self.log_every and i + 1 != self.total:
             return
         meter.check()
         elapsed = time.perf_counter() - self.start
         row = {"loss": f"{meter.avg:.4f}", **{k: f"{v:.4g}" for k, v in fields.items()},
-               "img/s": f"{(i + 1) * self.batch_size / elapsed:.0f}", "data": f"{self.data_time / elapsed:.0%}"}
+               "img/s": f"{(i + 1) * self.batch_size / elapsed:.0f}",
+               "data": f"{self.data_time / elapsed:.0%}"}
         if _cuda():
             row["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
         if self.bar.disable:
@@ -165,7 +178,8 @@ class Progress:
 
 
 def start(cfg, ctx):
-    """Create output_dir, print the git sha, world and resolved config, and write output_dir/config.yaml."""
+    """Create output_dir, print the git sha, world and resolved config, and write
+    output_dir/config.yaml."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     print0(f"git {git_sha()} | {ctx.world_size} rank(s) on {ctx.device}")
     print0("config: " + " ".join(f"{k}={v}" for k, v in config.to_dict(cfg).items()))

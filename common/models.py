@@ -1,8 +1,9 @@
 """Backbones and MLP heads. `build_model(name, **kw)` is the single entry point for backbones.
 
-Every backbone is headless and has `.embed_dim`. ResNets are torchvision's own classes, so their state dicts load
-into `torchvision.models.resnet18/50()` (only `fc.*` is missing); the CIFAR stem (3x3 stride-1 conv, no max-pool,
-SimCLR App. B.9) changes `conv1`'s shape only. The ViT lives in common/vit.py with timm's parameter names.
+Every backbone is headless and has `.embed_dim`. ResNets are torchvision's own classes, so their
+state dicts load into `torchvision.models.resnet18/50()` (only `fc.*` is missing); the CIFAR stem
+(3x3 stride-1 conv, no max-pool, SimCLR App. B.9) changes `conv1`'s shape only. The ViT lives in
+common/vit.py with timm's parameter names.
 """
 import torch
 import torch.nn as nn
@@ -15,7 +16,8 @@ from common.vit import VisionTransformer
 
 
 class ResNet(torchvision.models.ResNet):
-    """torchvision's ResNet without the classifier: `forward` returns the pooled feature (B, embed_dim)."""
+    """torchvision's ResNet without the classifier: `forward` returns the pooled feature
+    (B, embed_dim)."""
 
     def __init__(self, block, layers, cifar_stem=False, zero_init_residual=False):
         super().__init__(block, layers, zero_init_residual=zero_init_residual)
@@ -27,7 +29,8 @@ class ResNet(torchvision.models.ResNet):
         del self.fc
 
     def forward_stages(self, x):
-        """The four stage outputs [(B, C_i, H_i, W_i)] (SDSSL's ResNet variant pools each of them)."""
+        """The four stage outputs [(B, C_i, H_i, W_i)] (SDSSL's ResNet variant pools each of
+        them)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         stages = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -45,40 +48,47 @@ BACKBONES = {
     "resnet50": dict(family="resnet", block=Bottleneck, layers=[3, 4, 6, 3]),
     # vit_debug is a 2-block, 32-d ViT for smoke tests and CPU debugging, not for training.
     "vit_debug": dict(family="vit", embed_dim=32, depth=2, num_heads=2),
-    # vit_mini: 6 blocks, width 128, for 28-32 px images on a CPU (the Fashion-MNIST rows use 7 px patches: 16
-    # tokens). At width 192 it trained at half the speed and gained less over its random init in the same minutes.
+    # vit_mini: 6 blocks, width 128, for 28-32 px images on a CPU (the Fashion-MNIST rows use 7 px
+    # patches: 16 tokens). At width 192 it trained at half the speed and gained less over its random
+    # init in the same minutes.
     "vit_mini": dict(family="vit", embed_dim=128, depth=6, num_heads=4),
     "vit_tiny": dict(family="vit", embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(family="vit", embed_dim=384, depth=12, num_heads=12),  # 12 heads: MoCo v3 (DeiT uses 6)
+    # 12 heads: MoCo v3 (DeiT uses 6)
+    "vit_small": dict(family="vit", embed_dim=384, depth=12, num_heads=12),
     "vit_base": dict(family="vit", embed_dim=768, depth=12, num_heads=12),
 }
 
 
 def build_model(name, image_size=224, patch_size=16, cifar_stem=None, zero_init_residual=False,
                 stop_grad_patch_embed=False, num_heads=None):
-    """A headless backbone by name. ResNets use the CIFAR stem by default at image_size <= 32 (as SimCLR's code
-    does); ViT options: patch_size, stop_grad_patch_embed (MoCo v3), num_heads (None = the table above).
-    The CIFAR zoo (common/cifar_models.py: resnet8..110, resnet8x4/32x4, wrn_*, vgg*) comes without its classifier:
-    small backbones for 28-32 px images on a CPU (their init is RepDistiller's; zero_init_residual does not apply)."""
+    """A headless backbone by name. ResNets use the CIFAR stem by default at image_size <= 32 (as
+    SimCLR's code does); ViT options: patch_size, stop_grad_patch_embed (MoCo v3), num_heads
+    (None = the table above).
+    The CIFAR zoo (common/cifar_models.py: resnet8..110, resnet8x4/32x4, wrn_*, vgg*) comes without
+    its classifier: small backbones for 28-32 px images on a CPU (their init is RepDistiller's;
+    zero_init_residual does not apply)."""
     if name in CIFAR_MODELS:
         return build_cifar_model(name, num_classes=0)
     if name not in BACKBONES:
         raise ConfigError(f"unknown arch '{name}'; choose one of {list(ARCHS)}")
     spec = dict(BACKBONES[name])
     if spec.pop("family") == "resnet":
-        return ResNet(spec["block"], spec["layers"], cifar_stem=image_size <= 32 if cifar_stem is None else cifar_stem,
+        return ResNet(spec["block"], spec["layers"],
+                      cifar_stem=image_size <= 32 if cifar_stem is None else cifar_stem,
                       zero_init_residual=zero_init_residual)
     if num_heads:
         spec["num_heads"] = num_heads
     if spec["embed_dim"] % spec["num_heads"]:
-        raise ConfigError(f"{name} has width {spec['embed_dim']}, not divisible by num_heads={spec['num_heads']}")
+        raise ConfigError(f"{name} has width {spec['embed_dim']}, not divisible by "
+                          f"num_heads={spec['num_heads']}")
     if image_size % patch_size:
         raise ConfigError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
     return VisionTransformer(img_size=image_size, patch_size=patch_size,
                              stop_grad_patch_embed=stop_grad_patch_embed, **spec)
 
 
-ARCHS = tuple(BACKBONES) + tuple(CIFAR_MODELS)  # every name build_model accepts (the scripts' --arch choices)
+# every name build_model accepts (the scripts' --arch choices)
+ARCHS = tuple(BACKBONES) + tuple(CIFAR_MODELS)
 
 
 def is_vit(name):
@@ -86,9 +96,9 @@ def is_vit(name):
 
 
 def use_channels_last(name, device):
-    """NHWC memory layout: faster convolutions with cuDNN (ResNets on CUDA) and, on the CPU, for the small CIFAR-zoo
-    nets (oneDNN: 1.3-1.7x per training step for resnet8..56 at 28 px on 2 cores; torchvision's ResNet-18 gains
-    nothing there). Nothing to gain for a ViT."""
+    """NHWC memory layout: faster convolutions with cuDNN (ResNets on CUDA) and, on the CPU, for the
+    small CIFAR-zoo nets (oneDNN: 1.3-1.7x per training step for resnet8..56 at 28 px on 2 cores;
+    torchvision's ResNet-18 gains nothing there). Nothing to gain for a ViT."""
     if is_vit(name):
         return False
     return device.type == "cuda" or name in CIFAR_MODELS

@@ -1,7 +1,8 @@
 """Optimisers: parameter groups (biases and norms without weight decay), LARS, and one builder.
 
-`param_groups` tags the no-decay group with `lars_exclude`, and LARS reads that flag: no `ndim` test hidden in
-`step`. The schedules write `lr` and `weight_decay` into the groups every iteration (`set_lr_wd`).
+`param_groups` tags the no-decay group with `lars_exclude`, and LARS reads that flag: no `ndim` test
+hidden in `step`. The schedules write `lr` and `weight_decay` into the groups every iteration
+(`set_lr_wd`).
 """
 import torch
 
@@ -10,15 +11,18 @@ from common.config import ConfigError
 
 
 def param_groups(model, weight_decay, exclude_bias_norm=True):
-    """Trainable parameters split in two named groups: `decay`, and `no_decay` for biases and norm parameters
-    (every tensor with ndim <= 1). With exclude_bias_norm=False everything decays (MoCo v3's ViT recipe)."""
+    """Trainable parameters split in two named groups: `decay`, and `no_decay` for biases and norm
+    parameters (every tensor with ndim <= 1). With exclude_bias_norm=False everything decays
+    (MoCo v3's ViT recipe)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
-    groups = [dict(name="decay", params=decay, weight_decay=weight_decay, base_wd=weight_decay, lars_exclude=False)]
+    groups = [dict(name="decay", params=decay, weight_decay=weight_decay, base_wd=weight_decay,
+                   lars_exclude=False)]
     if no_decay:
-        groups.append(dict(name="no_decay", params=no_decay, weight_decay=0.0, base_wd=0.0, lars_exclude=True))
+        groups.append(dict(name="no_decay", params=no_decay, weight_decay=0.0, base_wd=0.0,
+                           lars_exclude=True))
     return groups
 
 
@@ -62,10 +66,11 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
-def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), nesterov=False, lars_eta=0.001,
-                    lars_clip=False):
-    """name: lars, sgd or adamw. `lr` is the initial value; the schedule overwrites it every step. AdamW uses the
-    fused kernel (CUDA and CPU): one pass over the parameters instead of a dozen (7x faster on 84M CPU parameters)."""
+def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), nesterov=False,
+                    lars_eta=0.001, lars_clip=False):
+    """name: lars, sgd or adamw. `lr` is the initial value; the schedule overwrites it every step.
+    AdamW uses the fused kernel (CUDA and CPU): one pass over the parameters instead of a dozen (7x
+    faster on 84M CPU parameters)."""
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta, clip=lars_clip)
     if name == "sgd":
@@ -76,7 +81,8 @@ def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999), nesterov
 
 
 def set_lr_wd(optimizer, lr, wd=None):
-    """Write this step's learning rate (and weight decay, into the groups that decay) into every group.
+    """Write this step's learning rate (and weight decay, into the groups that decay) into every
+    group.
     A group with `fixed_lr` keeps its own lr (SimSiam's predictor); `lr_scale` multiplies it."""
     for g in optimizer.param_groups:
         if not g.get("fixed_lr"):
@@ -86,7 +92,8 @@ def set_lr_wd(optimizer, lr, wd=None):
 
 
 def autocast(amp, device):
-    """Mixed precision on CUDA only (`amp`: none, bf16 or fp16); on the CPU everything stays float32."""
+    """Mixed precision on CUDA only (`amp`: none, bf16 or fp16); on the CPU everything stays
+    float32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "none" and device.type == "cuda")
 
@@ -106,8 +113,10 @@ def ema_(targets, sources, m):
 
 
 def step(loss, optimizer, scaler, clip_grad_norm=0.0, params=None, average=None):
-    """backward + (optional global-norm clipping) + optimizer step, through the GradScaler when it is enabled.
-    `average`: parameters trained outside DDP, whose gradients are averaged over the ranks here (as DDP would)."""
+    """backward + (optional global-norm clipping) + optimizer step, through the GradScaler when it
+    is enabled.
+    `average`: parameters trained outside DDP, whose gradients are averaged over the ranks here (as
+    DDP would)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if average is not None:

@@ -1,4 +1,5 @@
-"""Per-layer results (multi-exit evaluation, SDSSL Fig. 3): a printed table and an optional PNG curve.
+"""Per-layer results (multi-exit evaluation, SDSSL Fig. 3): a printed table and an optional PNG
+curve.
 
 matplotlib is not a requirement of this repository; it is imported only when a plot is asked for.
 """
@@ -10,7 +11,8 @@ from common.log import is_main, print0
 
 
 def report(title, layers, rows, plot_path=""):
-    """rows[i] maps a metric name to its value for block layers[i]. Prints a table; writes PNG + JSON if asked."""
+    """rows[i] maps a metric name to its value for block layers[i]. Prints a table; writes
+    PNG + JSON if asked."""
     names = list(rows[0])
     print0(f"{title}\n" + "block  " + "  ".join(f"{n:>10}" for n in names))
     for layer, row in zip(layers, rows):
@@ -20,19 +22,21 @@ def report(title, layers, rows, plot_path=""):
 
 
 def pyplot():
-    """matplotlib.pyplot with a file-only backend, or a clear error (it is not a requirement of this repository)."""
+    """matplotlib.pyplot with a file-only backend, or a clear error (it is not a requirement of this
+    repository)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("plotting needs matplotlib (pip install matplotlib); the JSON files are written already, "
-                          "or leave out the plot option") from None
+        raise ConfigError("plotting needs matplotlib (pip install matplotlib); the JSON files are "
+                          "written already, or leave out the plot option") from None
     return plt
 
 
 def plot(title, layers, rows, path):
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:  # first, so a missing matplotlib loses no result
+    # first, so a missing matplotlib loses no result
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump({"title": title, "layers": layers, "rows": rows}, f, indent=1)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))

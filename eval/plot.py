@@ -1,15 +1,18 @@
-"""Training curves from log.jsonl files: the loss, the k-NN monitor's top-1 and the collapse monitor per epoch.
+"""Training curves from log.jsonl files:
+the loss, the k-NN monitor's top-1 and the collapse monitor per epoch.
 
     python -m eval.plot out/run_a/log.jsonl out/run_b/log.jsonl -o curves.png
-    python -m eval.plot out/run_a out/run_b -o curves.png          # a run directory stands for its log.jsonl
+    python -m eval.plot out/run_a out/run_b -o curves.png    # a run directory stands for its
+                                                             # log.jsonl
 
-Panels side by side: `loss`, `knn_top1` (written every `eval_every` epochs; runs without it are left out of that
-panel) and, when a log has it, `out_std` (common.log.output_std: 1/sqrt(D) healthy, 0 collapsed), against `epoch`
-as log.jsonl numbers it (0 = the row written after the first epoch). Each run is
-labelled by its directory's name, or by as many trailing path parts as it takes to tell the runs apart
-(out/simclr/seed0 and out/byol/seed0 become simclr/seed0 and byol/seed0).
+Panels side by side: `loss`, `knn_top1` (written every `eval_every` epochs; runs without it are left
+out of that panel) and, when a log has it, `out_std` (common.log.output_std: 1/sqrt(D) healthy,
+0 collapsed), against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch).
+Each run is labelled by its directory's name, or by as many trailing path parts as it takes to tell
+the runs apart (out/simclr/seed0 and out/byol/seed0 become simclr/seed0 and byol/seed0).
 
-matplotlib is not a requirement of this repository: without it this says so in one line (exit status 2).
+matplotlib is not a requirement of this repository: without it this says so in one line (exit status
+2).
 """
 import argparse
 import json
@@ -20,7 +23,8 @@ from eval.layers import pyplot
 
 
 def read_log(path):
-    """The rows of one log.jsonl (a run directory means its log.jsonl), or a ConfigError that says what is wrong."""
+    """The rows of one log.jsonl (a run directory means its log.jsonl), or a ConfigError that says
+    what is wrong."""
     if os.path.isdir(path):
         path = os.path.join(path, "log.jsonl")
     if not os.path.isfile(path):
@@ -39,7 +43,8 @@ def read_log(path):
 
 
 def run_labels(paths):
-    """The shortest trailing parts of each run's directory that tell all runs apart (the whole path at most)."""
+    """The shortest trailing parts of each run's directory that tell all runs apart (the whole path
+    at most)."""
     dirs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in paths]
     parts = [d.strip(os.sep).split(os.sep) for d in dirs]
     for k in range(1, max(len(p) for p in parts) + 1):
@@ -50,8 +55,8 @@ def run_labels(paths):
 
 
 def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)", title=""):
-    """runs: {label: [log.jsonl rows]}. Writes a PNG with the loss, `knn_top1` and, if logged, `out_std` against
-    row[x]."""
+    """runs: {label: [log.jsonl rows]}. Writes a PNG with the loss, `knn_top1` and, if logged,
+    `out_std` against row[x]."""
     plt = pyplot()
     std = any("out_std" in r for rows in runs.values() for r in rows)
     fig, axes = plt.subplots(1, 3 if std else 2, figsize=(15 if std else 10, 3.8))
@@ -68,7 +73,8 @@ def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)
     ax_loss.set(xlabel=xlabel, ylabel="training loss", title="loss")
     ax_knn.set(xlabel=xlabel, ylabel=knn_label, title="k-NN monitor")
     if std:
-        axes[2].set(xlabel=xlabel, ylabel="std of the L2-normalised output", title="collapse monitor (out_std)")
+        axes[2].set(xlabel=xlabel, ylabel="std of the L2-normalised output",
+                    title="collapse monitor (out_std)")
     for ax in axes:
         ax.grid(alpha=0.3)
         if x == "epoch":  # whole epochs only, no 0.5 ticks
@@ -84,10 +90,12 @@ def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.plot", description=__doc__.splitlines()[0])
     p.add_argument("logs", nargs="+", help="log.jsonl files (or run directories holding one)")
-    p.add_argument("-o", "--output", default="curves.png", help="the PNG to write (default: curves.png)")
+    p.add_argument("-o", "--output", default="curves.png",
+                   help="the PNG to write (default: curves.png)")
     p.add_argument("--title", default="", help="a title over both panels")
     args = p.parse_args(argv)
-    runs = {label: read_log(path) for label, path in zip(run_labels(args.logs), args.logs)}  # bad files fail first
+    # bad files fail first
+    runs = {label: read_log(path) for label, path in zip(run_labels(args.logs), args.logs)}
     plot_curves(runs, args.output, title=args.title)
     print(f"wrote {args.output} ({len(runs)} run{'s' if len(runs) > 1 else ''}: {', '.join(runs)})")
 

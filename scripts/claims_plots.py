@@ -1,6 +1,6 @@
-"""The claims table's figures, drawn from the run records (scripts/claims.py): the collapse monitor of claim 1,
-the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not a requirement of the repository:
-claims.py skips the figures without it)."""
+"""The claims table's figures, drawn from the run records (scripts/claims.py): the collapse monitor
+of claim 1, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not a
+requirement of the repository: claims.py skips the figures without it)."""
 import os
 import statistics
 
@@ -12,12 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 def curves(ax, records, key, ylabel):
     """Every seed's per-epoch curve of `key`, one colour per arm."""
-    for colour, (arm, recs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], records.items()):
+    for colour, (arm, recs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                   records.items()):
         for i, rec in enumerate(recs.values()):
             values = rec["curves"].get(key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, color=colour, alpha=0.8, marker="o", markersize=3,
-                        label=arm if i == 0 else None)
+                ax.plot(range(1, len(values) + 1), values, color=colour, alpha=0.8, marker="o",
+                        markersize=3, label=arm if i == 0 else None)
     ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -31,8 +32,8 @@ def per_block(ax, records, prefix, metric, title):
         xs = list(range(1, depth + 1))
         values = [[r["metrics"][f"{prefix}b{b}_{metric}"] for r in recs.values()] for b in xs]
         ax.errorbar(xs, [statistics.mean(v) for v in values],
-                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], marker="o", capsize=3,
-                    label=arm)
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], marker="o",
+                    capsize=3, label=arm)
     ax.set(xlabel="block", ylabel=f"{metric} top-1 (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

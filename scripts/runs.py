@@ -1,5 +1,6 @@
-"""Launching training and evaluation processes and reading what they wrote: what every table runner shares
-(scripts/run_table.py, fashion_mnist.py, claims.py). Nothing here imports torch unless a last.pt must be read."""
+"""Launching training and evaluation processes and reading what they wrote: what every table runner
+shares (scripts/run_table.py, fashion_mnist.py, claims.py). Nothing here imports torch unless a
+last.pt must be read."""
 import json
 import os
 import platform
@@ -10,18 +11,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None, script="ifacd_distill.py"):
+def command(cfg_path, run_dir, nproc, extra, seed=None, teacher_ckpt=None,
+            script="ifacd_distill.py"):
     """The launch of one run: torchrun with nproc processes (plain python for nproc 0)."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    cmd = [sys.executable, *launcher, os.path.join(ROOT, script), "--config", cfg_path, "--output_dir", run_dir]
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc else [])
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, script), "--config", cfg_path,
+           "--output_dir", run_dir]
     cmd += ["--seed", str(seed)] if seed is not None else []
     cmd += ["--teacher_ckpt", os.path.join(teacher_ckpt, "last.pt")] if teacher_ckpt else []
     return cmd + extra
 
 
 def launch(cmd, dry_run, threads=0, log_path=""):
-    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0 for
-    a dry run). threads > 0 sets OMP_NUM_THREADS; log_path takes its output instead of the terminal."""
+    """Run one process to its end (or print it for a dry run); returns its wall time in seconds (0
+    for a dry run). threads > 0 sets OMP_NUM_THREADS; log_path takes its output instead of the
+    terminal."""
     if dry_run:
         print(" ".join(cmd))
         return 0.0
@@ -56,7 +61,8 @@ def is_complete(run_dir):
     if not os.path.exists(path):
         return False
     sys.path.insert(0, ROOT)
-    from common import checkpoint  # imported only here: torch is slow to import and dry runs rarely need it
+    # imported only here: torch is slow to import and dry runs rarely need it
+    from common import checkpoint
     blob = checkpoint.load(path)
     return blob["epoch"] >= blob["config"]["epochs"]
 
@@ -81,7 +87,8 @@ def read_json(path):
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -89,5 +96,5 @@ def cpu_model():
 def machine():
     """One line naming the machine and the software: what a table's numbers were measured on."""
     import importlib.metadata
-    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), Python {platform.python_version()}, "
-            f"torch {importlib.metadata.version('torch')}")
+    return (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), "
+            f"Python {platform.python_version()}, torch {importlib.metadata.version('torch')}")
