@@ -1,74 +1,24 @@
-"""Shared fixtures: a tiny generated image folder, a 1-process group for in-process tests, and launch helpers.
+"""Fixtures only (what tests share besides fixtures is in helpers.py): tiny generated data sets, a 1-process group in
+the test process, the 2-rank gloo pool, one torch thread per module. Nothing here needs a GPU or the network.
 
-Nothing here needs a GPU or the network.
+Markers (pytest.ini): `e2e` tests start interpreters (a torchrun launch, a subprocess) and are part of the default
+run; `slow` tests are kept out of it, and every `slow` test is also `e2e`, so `pytest -m "not e2e"` leaves out both.
 """
-import gzip
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny.yaml")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: `from helpers import ...` in every folder
+from helpers import GlooPool, write_cifar, write_image_folder  # noqa: E402  (helpers puts ROOT on sys.path)
 
 
-def write_image_folder(root, classes=4, per_class=8, size=32, seed=0):
-    """root/{train,val}/c<k>/<i>.png: random 32x32 RGB images, each class with its own mean colour (so k-NN and
-    linear probes have something to find)."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    tints = torch.rand(classes, 3, generator=g) * 160
-    for split in ("train", "val"):
-        for c, tint in enumerate(tints):
-            os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
-            for i in range(per_class):
-                x = (tint + torch.rand(size, size, 3, generator=g) * 95).to(torch.uint8).numpy()
-                Image.fromarray(x).save(os.path.join(root, split, f"c{c}", f"{i}.png"))
-    return root
-
-
-def write_cifar(root, name="cifar10", train=40, test=20, seed=0):
-    """Tiny CIFAR-10/100 in the original pickled format (the files torchvision downloads), random pixels."""
-    import pickle
-    g = torch.Generator().manual_seed(seed)
-    classes = 10 if name == "cifar10" else 100
-    folder = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    os.makedirs(folder, exist_ok=True)
-    key = b"labels" if name == "cifar10" else b"fine_labels"
-    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if name == "cifar10" else ["train", "test"]
-    for f in files:
-        n = test if "test" in f else (train // 5 if name == "cifar10" else train)
-        batch = {b"data": torch.randint(0, 256, (n, 3 * 32 * 32), generator=g, dtype=torch.uint8).numpy(),
-                 key: torch.randint(0, classes, (n,), generator=g).tolist()}
-        with open(os.path.join(folder, f), "wb") as fh:
-            pickle.dump(batch, fh)
-    return root
-
-
-def write_idx(path, tensor, compress):
-    """LeCun's idx format: 0, 0, dtype 0x08 (ubyte), rank, big-endian sizes, then the bytes."""
-    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(n.to_bytes(4, "big") for n in tensor.shape)
-    with (gzip.open if compress else open)(path + (".gz" if compress else ""), "wb") as f:
-        f.write(header + tensor.numpy().tobytes())
-
-
-def write_fashion(root, train=64, test=32, torchvision_layout=False, compress=True, seed=0):
-    """Tiny Fashion-MNIST: 10 classes of 28x28 grey images, each class a brighter band at its own height."""
-    g = torch.Generator().manual_seed(seed)
-    folder = os.path.join(root, "FashionMNIST", "raw") if torchvision_layout else root
-    os.makedirs(folder, exist_ok=True)
-    for prefix, n in (("train", train), ("t10k", test)):
-        labels = torch.arange(n) % 10
-        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
-        for i, y in enumerate(labels.tolist()):
-            images[i, 2 * y:2 * y + 8] += 150
-        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), images, compress)
-        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels.to(torch.uint8), compress)
-    return root
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -102,45 +52,17 @@ def process_group():
     return dist.setup("cpu")
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+@pytest.fixture(scope="session")
+def gloo_pool():
+    """Two worker processes in one 2-rank gloo group for the whole session (helpers.GlooPool), started on first use:
+    `gloo_pool.run(fn, *args)` runs fn on both ranks and returns their results."""
+    pool = GlooPool(2)
+    yield pool
+    pool.close()
 
 
-def launch(script, args, nproc=2, timeout=600, check=True):
-    """Run `script` under torchrun with nproc CPU ranks (or plain python with nproc=0). Returns CompletedProcess."""
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        cmd = [sys.executable]
-    out = subprocess.run(cmd + [os.path.join(ROOT, script)] + [str(a) for a in args], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out
-
-
-def tiny_args(data_dir, output_dir, *extra):
-    return ["--config", TINY, "--data_dir", data_dir, "--output_dir", output_dir, *extra]
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def load_ckpt(output_dir, name="last.pt"):
-    return torch.load(os.path.join(output_dir, name), map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(a, b, path=""):
-    """Recursively torch.equal every tensor of two checkpoint blobs (state dicts, optimizer states)."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensor {path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {path}"
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{path}[{i}]")
+@pytest.fixture
+def keep_group(monkeypatch):
+    """The scripts' and eval tools' main() end with dist.cleanup(); keep the session's in-process group alive."""
+    from common import dist
+    monkeypatch.setattr(dist, "cleanup", lambda: None)

@@ -1,8 +1,9 @@
 """Every method of every script takes a training step under bf16 and fp16 autocast (#25 item 2).
 
-optim.autocast and optim.grad_scaler are CUDA-only in the scripts; here they are switched on for the CPU, whose
-autocast raises the same dtype errors (a module run outside autocast on a half-precision activation: "Input
-type (BFloat16) and bias type (float)"). One step of 8 fake images per case, in this process."""
+optim.autocast and optim.grad_scaler are CUDA-only in the scripts; here they are switched on for the
+CPU, whose autocast raises the same dtype errors (a module run outside autocast on a half-precision
+activation: "Input type (BFloat16) and bias type (float)"). One step of 8 fake images per case, in
+this process."""
 import os
 import sys
 
@@ -26,21 +27,24 @@ SSL_CASES = {
     "mocov3": (mocov3, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "16"]),
     "mocov3-vit": (mocov3, [*VIT, *SMALL, "--pred_hidden_dim", "16"]),
     "byol": (byol, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "16"]),
-    "simsiam": (simsiam_gsg, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "8", "--gsg", "false"]),
+    "simsiam": (simsiam_gsg, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "8", "--gsg",
+                              "false"]),
     "simsiam-gsg": (simsiam_gsg, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "8"]),
-    "byol-gsg": (simsiam_gsg, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "8", "--base", "byol"]),
+    "byol-gsg": (simsiam_gsg, ["--arch", "resnet8", *SMALL, "--pred_hidden_dim", "8", "--base",
+                               "byol"]),
     **{f"sdssl-{f}": (sdssl, [*VIT, *SMALL, "--framework", f, "--isd_hidden_dim", "16",
                               "--pred_hidden_dim", "16"]) for f in ("mocov3", "byol", "simclr")},
     "msbreg": (msbreg, ["--arch", "resnet8", *SMALL, "--num_views", "2"]),
     **{f"ifaclr-{m}": (ifaclr, [*VIT, *SMALL, "--method", m]) for m in ("lwclr", "simlwclr")},
 }
-RUN = ["--dataset", "fake", "--device", "cpu", "--epochs", "1", "--max_steps_per_epoch", "1", "--batch_size", "8",
-       "--num_workers", "0", "--eval_every", "0", "--log_every", "1"]
+RUN = ["--dataset", "fake", "--device", "cpu", "--epochs", "1", "--max_steps_per_epoch", "1",
+       "--batch_size", "8", "--num_workers", "0", "--eval_every", "0", "--log_every", "1"]
 
 
 @pytest.fixture
 def cpu_amp(monkeypatch):
-    """The scripts' autocast and GradScaler, enabled on the CPU; dist.cleanup kept from ending the session's group."""
+    """The scripts' autocast and GradScaler, enabled on the CPU; dist.cleanup kept from ending the
+    session's group."""
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     monkeypatch.setattr(optim, "autocast", lambda amp, device: torch.autocast(
         "cpu", dtype=dtypes.get(amp, torch.float32), enabled=amp != "none"))
@@ -70,7 +74,8 @@ def teacher(tmp_path_factory):
     mp.setattr(dist, "cleanup", lambda: None)
     try:
         dist.setup("cpu")
-        run(ifacd_distill, [*RUN, "--distill", "none", "--student", "resnet8", "--output_dir", out], mp)
+        run(ifacd_distill, [*RUN, "--distill", "none", "--student", "resnet8", "--output_dir", out],
+            mp)
     finally:
         mp.undo()
     return os.path.join(out, "last.pt")
@@ -78,8 +83,10 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("method", [m for m in ifacd_distill.METHODS if m != "none"])
-def test_distillation_step_under_autocast(process_group, cpu_amp, teacher, tmp_path, monkeypatch, method, amp):
-    """Each method's main loop, and the init stage of AB, FT and FSP (their connectors and paraphraser)."""
+def test_distillation_step_under_autocast(process_group, cpu_amp, teacher, tmp_path, monkeypatch,
+                                          method, amp):
+    """Each method's main loop, and the init stage of AB, FT and FSP (their connectors and
+    paraphraser)."""
     student = "resnet8x4" if method == "abound" else "resnet8"  # AB's connectors: real convolutions
     run(ifacd_distill, [*RUN, "--distill", method, "--teacher", "resnet8", "--student", student,
                         "--teacher_ckpt", teacher, "--init_epochs", "1", "--crd_negatives", "16",

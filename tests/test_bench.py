@@ -2,7 +2,7 @@
 import pytest
 
 import bench
-from conftest import launch
+from helpers import launch
 
 
 @pytest.mark.parametrize("argv, extra", [
@@ -22,6 +22,7 @@ def test_script_flags_reach_the_script_unchanged(argv, extra):
     assert args.script and not args.augment and not args.compiled_hue
 
 
+@pytest.mark.e2e
 def test_a_tiny_training_benchmark_runs_on_the_cpu():
     """SimCLR, resnet8, batch 8, 2 steps per epoch on fake data: the run finishes, the script got
     the flags bench.py does not know (`--aug simclr` once switched bench to its augmentation mode,

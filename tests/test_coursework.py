@@ -9,7 +9,9 @@ import subprocess
 import sys
 import types
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
 
 README = os.path.join(ROOT, "README.md")
 
@@ -21,6 +23,7 @@ def readme_section():
     return text[text.index(begin):text.index(end)]
 
 
+@pytest.mark.e2e
 def test_the_readme_copy_commands_give_a_script_that_runs_alone(tmp_path):
     block = re.search(r"```bash\n(.*?)```", readme_section(), re.S).group(1)
     lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]

@@ -1,26 +1,32 @@
-"""distill_losses.py: the eight RepDistiller baselines against naive loop references (value and gradient, float64) on
-features of every pair's real shapes, their modules' shape rules, analytic cases, and one training step of every
---distill method on every pair of the slides' table."""
+"""distill_losses.py, RepDistiller's baselines and CRD (METHODS.md section 9): each loss against a naive loop
+reference written here (value and gradient, float64), on random features of the slides' six pairs' shapes (FitNet,
+AT, SP, CC, VID, RKD, PKT, NST) or on real features of a same-family and a cross-family pair (AB, FT, FSP, KDSVD);
+CRD's loss, memory banks (also on the gloo pool's 2 ranks) and sampler; the modules' shape rules and the pairs
+RepDistiller refuses; analytic cases; and one training step of every --distill method on every pair of RepDistiller's
+table (its README's configs where it has the cell, which include the slides' six pairs)."""
 import functools
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import augment, config, data
+from common import augment, config, data, dist
 from common.cifar_models import Features, build_cifar_model, feature_shapes
 from common.config import ConfigError
+from helpers import REPDISTILLER_PAIRS, ROOT
 
 import distill_losses as L
 import ifacd_distill as M
 
 PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
          "resnet110-resnet20"]
-B = 4  # batch of the loss checks: RKD's angles need 3 samples, CC's consecutive pairs 2
+B = 4  # batch of the random-feature loss checks: RKD's angles need 3 samples, CC's consecutive pairs 2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+RD_CONFIGS = os.path.join(ROOT, "configs", "ifacd_distill", "repdistiller")  # one YAML per README cell
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +70,50 @@ def channel_mean_square(f):
 
 def unit(v):
     return v / (v ** 2).sum().sqrt()
+
+
+B_REAL = 3  # images per batch of the real features
+
+@functools.lru_cache(maxsize=None)
+def real_features(name):
+    """The Features of zoo model `name` (seeded init, float64, train mode) on B_REAL seeded random images, no grad."""
+    torch.manual_seed(0)
+    model = build_cifar_model(name).double().train()
+    x = torch.randn(B_REAL, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        return model(x, features=True)
+
+
+def leaves(maps):
+    """Copies of the maps as leaf tensors with grad: the student side, whose gradient the tests compare."""
+    return [f.detach().clone().requires_grad_(True) for f in maps]
+
+
+def pair(name):
+    t_name, s_name = name.split("-")
+    return real_features(s_name), real_features(t_name)
+
+
+def shapes(maps):
+    return [f.shape for f in maps]
+
+
+def with_stages(maps):
+    """Features holding only `stages` (what Translator and KDSVD read here)."""
+    return Features(maps, None, None, None, None)
+
+
+def block_mean(f, size):
+    """(B, C, H, W) -> (B, C, size, size): means of the non-overlapping r x r blocks, r = H / size (what adaptive
+    average pooling does for an exact factor)."""
+    r = f.shape[2] // size
+    assert r * size == f.shape[2]
+    return f.reshape(f.shape[0], f.shape[1], size, r, size, r).mean(dim=(3, 5))
+
+
+def to_common_size(a, b):
+    size = min(a.shape[2], b.shape[2])
+    return block_mean(a, size), block_mean(b, size)
 
 
 # ------------------------------------------------ FitNet ------------------------------------------------
@@ -267,6 +317,436 @@ def test_nst_loss_matches_naive(pair):
     assert_same_value_and_grad(ours, naive_nst(s.stages[1:], t.stages[1:]), s.stages[1:])
 
 
+# ------------------------------------------------ AB ------------------------------------------------
+
+def naive_ab(g_s, g_t, margin=1.0):
+    """The authors' form, element by element masks: (s + m)^2 where s > -m and t <= 0, (s - m)^2 where s <= m and
+    t > 0; per map summed, weight 1 for the deepest of n maps and halved towards the stem, / B * 3 / 1000."""
+    n, total = len(g_s), 0
+    for i in range(n):
+        weight = 1.0
+        for _ in range(n - 1 - i):
+            weight /= 2
+        layer = 0
+        for b in range(B_REAL):
+            s, t = g_s[i][b].flatten(), g_t[i][b].flatten()
+            off = (s + margin) ** 2 * ((s > -margin) & (t <= 0)).double()
+            on = (s - margin) ** 2 * ((s <= margin) & (t > 0)).double()
+            layer = layer + (off + on).sum()
+        total = total + weight * layer * 3 / (1000 * B_REAL)
+    return total
+
+
+@pytest.mark.parametrize("names, kinds", [
+    ("resnet32x4-resnet8x4", ["identity"] * 3),
+    ("resnet32x4-ShuffleV1", [(torch.nn.ConvTranspose2d, 4, 2)] * 3),  # student 16/8/4 px -> teacher 32/16/8
+    ("vgg13-MobileNetV2", [(torch.nn.Conv2d, 1, 1)] * 3 + [(torch.nn.ConvTranspose2d, 4, 2)]),  # 2 px -> 4 px last
+])
+def test_connector_follows_convreg_rules_on_real_pairs(names, kinds):
+    """RepDistiller Connector: the identity where channels and size agree, else ConvReg's conv + BN (no ReLU),
+    mapping every pre-activation stage output of the student to the teacher's shape."""
+    s, t = pair(names)
+    connector = L.Connector(shapes(s.preact[1:]), shapes(t.preact[1:])).double()
+    assert len(connector.connectors) == len(kinds)
+    out = connector(s.preact[1:])
+    for layer, kind, f_s, f_t, o in zip(connector.connectors, kinds, s.preact[1:], t.preact[1:], out):
+        assert o.shape == f_t.shape
+        if kind == "identity":
+            assert isinstance(layer, torch.nn.Identity) and o is f_s
+            continue
+        conv_type, kernel, stride = kind
+        assert type(layer.conv) is conv_type and layer.conv.kernel_size == (kernel, kernel)
+        assert layer.conv.stride == (stride, stride) and isinstance(layer.bn, torch.nn.BatchNorm2d)
+        assert (o < 0).any()  # BN output, no ReLU
+    assert (sum(p.numel() for p in connector.parameters()) == 0) == (kinds == ["identity"] * 3)
+
+
+def test_connector_refuses_what_repdistiller_refuses():
+    with pytest.raises(ConfigError, match="the student has 3 stage outputs and the teacher 4"):
+        L.Connector([(2, 8, 8, 8)] * 3, [(2, 8, 8, 8)] * 4)
+    with pytest.raises(ConfigError, match="no connector maps the student's 4x4 map to the teacher's 12x12"):
+        L.Connector([(2, 8, 4, 4)], [(2, 8, 12, 12)])
+
+
+@pytest.mark.parametrize("names", ["resnet32x4-resnet8x4", "resnet32x4-ShuffleV1"])
+def test_ab_loss_matches_naive(names):
+    """Through the connectors (trained ones for ShuffleV1), on the pre-activation maps (RepDistiller preact=True);
+    the teacher's maps have both signs, so both hinges are exercised."""
+    s, t = pair(names)
+    g_s = leaves(s.preact[1:])
+    torch.manual_seed(0)
+    connector = L.Connector(shapes(g_s), shapes(t.preact[1:])).double()
+    out = connector(g_s)
+    assert all((f < 0).any() and (f > 0).any() for f in t.preact[1:])
+    ours = L.ab_loss(out, t.preact[1:])
+    inputs = g_s + [p for p in connector.parameters()][:2]
+    assert_same_value_and_grad(ours, naive_ab(out, t.preact[1:]), inputs)
+
+
+def test_ab_loss_analytic():
+    """Zero where the student sits beyond the margin on the teacher's side; m^2 per element for a zero student."""
+    torch.manual_seed(0)
+    g_t = [torch.randn(B_REAL, 4, 8, 8, dtype=torch.float64), torch.randn(B_REAL, 6, 4, 4, dtype=torch.float64),
+           torch.randn(B_REAL, 8, 2, 2, dtype=torch.float64)]
+    beyond = [torch.where(t > 0, 1 + t.abs(), -1 - t.abs()) for t in g_t]
+    assert L.ab_loss(beyond, g_t).item() == 0
+    zero = [torch.zeros_like(t) for t in g_t]
+    expected = sum(w * t[0].numel() for w, t in zip((0.25, 0.5, 1.0), g_t)) * 3 / 1000  # per image, m = 1
+    assert abs(L.ab_loss(zero, g_t).item() - expected) < 1e-12
+    assert abs(L.ab_loss(zero, g_t, margin=2.0).item() - 4 * expected) < 1e-12
+    assert L.ab_loss(zero, g_t).dtype == torch.float64
+
+
+# ------------------------------------------------ FT ------------------------------------------------
+
+@pytest.mark.parametrize("names", ["resnet32x4-resnet8x4", "resnet32x4-ShuffleV1"])
+def test_paraphraser_and_translator_shapes_on_real_pairs(names):
+    """Paraphraser: factor (B, C_t / 2, H_t, W_t), reconstruction of the input's shape, no BN, RepDistiller's
+    parameter names; Translator: the student's last stage to the paraphraser's channels at the student's size."""
+    s, t = pair(names)
+    f_s, f_t = s.stages[-1], t.stages[-1]
+    torch.manual_seed(0)
+    paraphraser = L.Paraphraser(f_t.shape).double()
+    translator = L.Translator(f_s.shape, f_t.shape).double()
+    half = f_t.shape[1] // 2
+    factor, rec = paraphraser.factor(f_t), paraphraser.reconstruct(f_t)
+    assert factor.shape == (B_REAL, half, *f_t.shape[2:]) and rec.shape == f_t.shape
+    assert torch.equal(paraphraser.decoder(factor), rec)
+    assert L.reconstruction_loss(rec, f_t).item() > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in paraphraser.modules())
+    assert [n for n, _ in paraphraser.named_parameters() if n.endswith("weight")] == [
+        "encoder.0.weight", "encoder.3.weight", "encoder.6.weight",
+        "decoder.0.weight", "decoder.3.weight", "decoder.6.weight"]
+    for stack, conv in ((paraphraser.encoder, torch.nn.Conv2d), (paraphraser.decoder, torch.nn.ConvTranspose2d),
+                        (translator.encoder, torch.nn.Conv2d)):
+        assert [type(m) for m in stack[0::3]] == [conv] * 3
+        assert all(m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1) for m in stack[0::3])
+        assert all(type(m) is torch.nn.LeakyReLU and m.negative_slope == 0.1 for m in stack[2::3])
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in translator.modules()) == 3
+    assert translator.encoder[3].weight.shape[:2] == (half, f_s.shape[1])
+    factor_s, target = translator(s, t)
+    assert factor_s.shape == (B_REAL, half, *f_s.shape[2:]) and target is t.stages[-1]
+
+
+def naive_factor(f_s, f_t):
+    """Pool to the common size, then per image: channel mean of squares, unit over positions, |difference| summed;
+    divided by the number of entries."""
+    f_s, f_t = to_common_size(f_s, f_t)
+    total = 0
+    for b in range(B_REAL):
+        a_s, a_t = unit(channel_mean_square(f_s[b]).flatten()), unit(channel_mean_square(f_t[b]).flatten())
+        total = total + (a_s - a_t).abs().sum()
+    return total / (B_REAL * f_s[0, 0].numel())
+
+
+@pytest.mark.parametrize("names", ["resnet32x4-resnet8x4", "resnet32x4-ShuffleV1"])
+def test_factor_loss_matches_naive(names):
+    """Through the translator (student) and the paraphraser's factor (teacher); ShuffleV1's 4x4 factor against the
+    teacher's 8x8 one pooled."""
+    s, t = pair(names)
+    f_s = leaves([s.stages[-1]])[0]
+    torch.manual_seed(0)
+    translator = L.Translator(f_s.shape, t.stages[-1].shape).double()
+    paraphraser = L.Paraphraser(t.stages[-1].shape).double()
+    factor_s, _ = translator(with_stages([f_s]), t)
+    with torch.no_grad():
+        factor_t = paraphraser.factor(t.stages[-1])
+    ours = L.factor_loss(factor_s, factor_t)
+    assert_same_value_and_grad(ours, naive_factor(factor_s, factor_t), [f_s, translator.encoder[0].weight])
+
+
+def test_factor_loss_analytic():
+    """The attention map of the factor is blind to its scale and sign; a factor concentrated on one position vs a
+    uniform one: sum |e_1 - 1/sqrt(HW)| / HW."""
+    torch.manual_seed(0)
+    x = torch.randn(B_REAL, 5, 4, 4, dtype=torch.float64)
+    assert L.factor_loss(x, x).item() == 0
+    assert abs(L.factor_loss(-3 * x, x).item()) < 1e-15
+    peak, flat = torch.zeros(B_REAL, 5, 4, 4, dtype=torch.float64), torch.ones(B_REAL, 5, 4, 4, dtype=torch.float64)
+    peak[:, :, 0, 0] = 2.0
+    expected = ((1 - 0.25) + 15 * 0.25) / 16
+    assert abs(L.factor_loss(peak, flat).item() - expected) < 1e-15
+
+
+# ------------------------------------------------ FSP ------------------------------------------------
+
+def naive_fsp(g_s, g_t):
+    """Per consecutive pair, per image and per channel of the later map: its products with every channel of the
+    earlier map, averaged over positions (the larger map block-averaged first); squared differences averaged."""
+    def matrices(g, i, b):
+        bottom, top = to_common_size(g[i], g[i + 1])
+        return [(bottom[b].flatten(1) * top[b, j].flatten()).mean(dim=1) for j in range(top.shape[1])]
+
+    total = 0
+    for i in range(len(g_s) - 1):
+        pair_sum, count = 0, 0
+        for b in range(B_REAL):
+            for row_s, row_t in zip(matrices(g_s, i, b), matrices(g_t, i, b)):
+                pair_sum = pair_sum + ((row_s - row_t) ** 2).sum()
+                count += len(row_s)
+        total = total + pair_sum / count
+    return total
+
+
+@pytest.mark.parametrize("names", ["resnet32x4-resnet8x4", "resnet56-wrn_40_1"])
+def test_fsp_loss_matches_naive(names):
+    """Two pairs FSP accepts (equal channels: 32, 64, 128, 256 resp. 16, 16, 32, 64), the second across families;
+    stage 2 and 3 are half their predecessor's size, so the pooling rule is exercised."""
+    s, t = pair(names)
+    L.check_fsp_shapes(shapes(s.stages), shapes(t.stages))
+    g_s = leaves(s.stages)
+    assert [f.shape[2] for f in g_s] == [32, 32, 16, 8]
+    assert_same_value_and_grad(L.fsp_loss(g_s, t.stages), naive_fsp(g_s, t.stages), g_s)
+
+
+@pytest.mark.parametrize("names, problem", [
+    ("wrn_40_2-wrn_40_1", r"channel counts differ .*map 1: student 16, teacher 32; map 2: student 32, teacher 64"),
+    ("resnet32x4-ShuffleV1", r"channel counts differ .*map 0: student 24, teacher 32"),
+    ("vgg13-resnet8x4", r"the student has 4 maps .* and the teacher 5"),
+])
+def test_fsp_refuses_pairs_of_unequal_channels(names, problem):
+    """RepDistiller's FSP raises for unequal channel counts (hence 0.00 for wrn_40_2 -> wrn_40_1 and no
+    cross-architecture FSP numbers) and asserts equally many maps."""
+    s, t = pair(names)
+    with pytest.raises(ConfigError, match="fsp: .*" + problem):
+        L.check_fsp_shapes(shapes(s.stages), shapes(t.stages))
+
+
+def test_fsp_loss_analytic():
+    """Maps of ones have FSP matrices of ones (whatever the sizes), zero maps zeros: 1 per consecutive pair."""
+    sizes = [(4, 8), (4, 8), (6, 4), (3, 2)]
+    ones = [torch.ones(B_REAL, c, h, h, dtype=torch.float64) for c, h in sizes]
+    zeros = [torch.zeros_like(f) for f in ones]
+    assert L.fsp_loss(ones, zeros).item() == 3 and L.fsp_loss(ones, ones).item() == 0
+    torch.manual_seed(0)
+    g = [torch.randn(B_REAL, c, h, h, dtype=torch.float64) for c, h in sizes]
+    assert abs(L.fsp_loss([2 * f for f in g], g).item() - 9 * L.fsp_loss(g, zeros).item()) < 1e-12  # G scales by 4
+
+
+# ------------------------------------------------ KDSVD ------------------------------------------------
+
+def leading_singular(m, n):
+    """(C, H, W) -> (n largest singular values, their right singular vectors over the channels) of the (HW, C)
+    matrix, from the eigendecomposition of its smaller Gram matrix (no SVD routine)."""
+    x = m.flatten(1).T  # (HW, C)
+    if x.shape[1] <= x.shape[0]:
+        eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x)  # ascending
+        top = range(x.shape[1] - 1, x.shape[1] - 1 - n, -1)
+        return [eigenvalues[i].sqrt() for i in top], [eigenvectors[:, i] for i in top]
+    eigenvalues, eigenvectors = torch.linalg.eigh(x @ x.T)
+    top = range(x.shape[0] - 1, x.shape[0] - 1 - n, -1)
+    return [eigenvalues[i].sqrt() for i in top], [x.T @ eigenvectors[:, i] / eigenvalues[i].sqrt() for i in top]
+
+
+def lapack_sign(m, v, j):
+    """The sign LAPACK's SVD gives the teacher's j-th right singular vector, relative to v (the reference's own):
+    the one input the reference borrows, as KDSVD's value depends on it."""
+    vh = torch.linalg.svd(m.flatten(1).T, full_matrices=False)[2]
+    return 1.0 if float(vh[j] @ v) > 0 else -1.0
+
+
+def naive_kdsvd(g_s, g_t, k=1):
+    """Per image and map: the teacher's k leading right singular vectors (LAPACK's signs) and the student's k + 3,
+    each teacher vector paired with the student vector of largest |cosine| (its sign applied), both scaled by the
+    teacher's singular values over their norm; per consecutive maps and vector j the RBF matrix
+    exp(-(v[c] - v_prev[c'])^2 / 8) by outer differences; squared differences summed, / B."""
+    total = 0
+    for b in range(B_REAL):
+        previous = None
+        for f_s, f_t in zip(g_s, g_t):
+            sigma_t, v_t = leading_singular(f_t[b], k)
+            v_t = [lapack_sign(f_t[b], v, j) * v for j, v in enumerate(v_t)]
+            _, v_s = leading_singular(f_s[b], k + 3)
+            norm = sum(x ** 2 for x in sigma_t).sqrt()
+            pairs = []
+            for j in range(k):
+                cosines = [float((v @ v_t[j]).detach()) for v in v_s]
+                best = max(range(k + 3), key=lambda i: abs(cosines[i]))
+                sign = 1.0 if cosines[best] > 0 else -1.0
+                pairs.append((sign * v_s[best] * sigma_t[j] / norm, v_t[j] * sigma_t[j] / norm))
+            if previous is not None:
+                for (s_j, t_j), (s_prev, t_prev) in zip(pairs, previous):
+                    rbf_s = torch.exp(-(s_j[:, None] - s_prev[None, :]) ** 2 / 8)
+                    rbf_t = torch.exp(-(t_j[:, None] - t_prev[None, :]) ** 2 / 8)
+                    total = total + ((rbf_s - rbf_t) ** 2).sum() / B_REAL
+            previous = pairs
+    return total
+
+
+@pytest.mark.parametrize("names, k", [("resnet32x4-resnet8x4", 1), ("resnet32x4-resnet8x4", 2),
+                                      ("resnet56-wrn_40_1", 1)])
+def test_kdsvd_loss_matches_naive(names, k):
+    """Both cases of the SVD's shape occur: 32x32 and 16x16 maps have more positions than channels, the 8x8 ones
+    of resnet32x4 fewer (64 < 256)."""
+    s, t = pair(names)
+    L.check_kdsvd_shapes(shapes(s.stages[1:]), shapes(t.stages[1:]))
+    g_s = leaves(s.stages[1:])
+    ours = L.kdsvd_loss(g_s, t.stages[1:], k=k)
+    assert ours.item() > 0
+    assert_same_value_and_grad(ours, naive_kdsvd(g_s, t.stages[1:], k), g_s)
+
+
+def test_kdsvd_wiring_and_analytic():
+    """A one-stage method without parameters: build_head is None for a pair of equal channels and refuses one of
+    unequal channels; baseline_loss reads stages[1:]. The student's singular vectors are aligned to the teacher's
+    whatever their sign or scale, so a student equal to the teacher up to a factor costs nothing."""
+    s, t = pair("resnet32x4-resnet8x4")
+    s_shapes, t_shapes = (with_stages(shapes(f.stages)) for f in (s, t))
+    assert L.METHODS["kdsvd"] is L.KDSVD and L.KDSVD(s_shapes, t_shapes, None, 0).head is None
+    for names in ("wrn_40_2-wrn_40_1", "resnet32x4-ShuffleV1"):
+        a, b = pair(names)
+        with pytest.raises(ConfigError, match="kdsvd: the student's and the teacher's channel counts differ"):
+            L.KDSVD(with_stages(shapes(a.stages)), with_stages(shapes(b.stages)), None, 0)
+    ours = L.KDSVD(s_shapes, t_shapes, None, 0).loss(s, t, None, None, None)
+    assert ours.dtype == torch.float32
+    expected = L.kdsvd_loss([f.float() for f in s.stages[1:]], [f.float() for f in t.stages[1:]])
+    assert torch.equal(ours, expected)
+    g = t.stages[1:]
+    assert L.kdsvd_loss(g, g).item() < 1e-20
+    assert L.kdsvd_loss([-2 * f for f in g], g).item() < 1e-20
+    assert L.kdsvd_loss(s.stages[1:], g).item() > 1e-3
+
+
+def test_kdsvd_gradient_stays_finite_with_dead_channels():
+    """ReLU-dead channels (all-zero maps: they appear within a few steps on Fashion-MNIST) give the student's map
+    repeated zero singular values. KDSVD reads only the leading singular vectors, whose derivative does not involve
+    the gaps between those zeros, yet torch's SVD backward divides 0 by 0 there and returns NaN (a real run then
+    crashes in the next step's SVD). The gradient must stay finite, the value unchanged, and equal the naive
+    reference's wherever that one is finite (a live copy of the same maps)."""
+    s, t = pair("resnet32x4-resnet8x4")
+    maps = [f.detach().clone() for f in s.stages[1:]]
+    for f in maps:
+        f[:, -3:] = 0  # three dead channels in every map
+    g_s = leaves(maps)
+    ours = L.kdsvd_loss(g_s, t.stages[1:])
+    grads = torch.autograd.grad(ours, g_s)
+    assert torch.isfinite(ours) and all(torch.isfinite(g).all() for g in grads)
+    naive = naive_kdsvd(g_s, t.stages[1:])
+    torch.testing.assert_close(ours, naive, rtol=1e-9, atol=0)
+    with torch.no_grad():  # live channels: a tiny perturbation of the dead ones, where the naive gradient is finite
+        live = [f + 1e-9 * torch.randn_like(f) * (f == 0) for f in maps]
+    live = leaves(live)
+    naive_grads = torch.autograd.grad(naive_kdsvd(live, t.stages[1:]), live)
+    for a, b in zip(grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
+
+
+# ------------------------------------------------ CRD ------------------------------------------------
+
+def naive_crd(v_s, v_t, bank_s, bank_t, idx, neg, tau, z=None):
+    """CRD's loss sample by sample; z = (Z_s, Z_t), or None to fix them from this batch (mean score x N)."""
+    N, K, B = bank_s.shape[0], neg.shape[1], v_s.shape[0]
+    e_s = torch.stack([torch.stack([torch.exp(bank_t[j] @ v_s[i] / tau) for j in [idx[i]] + neg[i].tolist()])
+                       for i in range(B)])
+    e_t = torch.stack([torch.stack([torch.exp(bank_s[j] @ v_t[i] / tau) for j in [idx[i]] + neg[i].tolist()])
+                       for i in range(B)])
+    z = z or (e_s.detach().mean() * N, e_t.detach().mean() * N)
+    loss = 0.0
+    for e, zz in ((e_s, z[0]), (e_t, z[1])):
+        for i in range(B):
+            p = e[i] / zz
+            loss = loss - torch.log(p[0] / (p[0] + K / N + 1e-7))
+            loss = loss - sum(torch.log((K / N) / (p[k] + K / N + 1e-7)) for k in range(1, K + 1))
+    return loss / B, z
+
+
+def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
+    torch.manual_seed(0)
+    N, D, B, K, tau = 10, 4, 3, 4, 0.07
+    memory = L.CRDMemory(N, D, momentum=0.5)
+    bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
+    v_s = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
+    v_t = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
+    idx, neg = torch.tensor([0, 4, 7]), torch.randint(0, N, (B, K))
+    sample = torch.cat([idx[:, None], neg], dim=1)  # the positive (the image itself), then the negatives
+    ours = L.crd_loss(v_s, v_t, memory, sample, tau)
+    naive, z = naive_crd(v_s, v_t, bank_s, bank_t, idx.tolist(), neg, tau)
+    assert torch.allclose(ours, naive, rtol=1e-5)
+    assert torch.allclose(memory.z, torch.stack(z))
+    g_ours = torch.autograd.grad(ours, [v_s, v_t])
+    g_naive = torch.autograd.grad(naive, [v_s, v_t])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_ours, g_naive))
+    # The bank update: m * old + (1 - m) * v, re-normalised, only the batch's rows.
+    memory.update(v_s.detach(), v_t.detach(), idx)
+    assert torch.allclose(memory.bank_s[idx], F.normalize(0.5 * bank_s[idx] + 0.5 * v_s.detach(), dim=1))
+    assert torch.allclose(memory.bank_t[idx], F.normalize(0.5 * bank_t[idx] + 0.5 * v_t.detach(), dim=1))
+    rest = torch.tensor([i for i in range(N) if i not in idx.tolist()])
+    assert torch.equal(memory.bank_s[rest], bank_s[rest])
+    # Z stays fixed after the first batch.
+    z_first = memory.z.clone()
+    second = L.crd_loss(v_s, v_t, memory, sample, tau)
+    assert torch.equal(memory.z, z_first)
+    naive2, _ = naive_crd(v_s, v_t, memory.bank_s, memory.bank_t, idx.tolist(), neg, tau, z=tuple(z_first))
+    assert torch.allclose(second, naive2, rtol=1e-5)
+
+
+def test_crd_sampler_draws_other_class_negatives():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
+    torch.manual_seed(0)
+    for k, distinct in ((6, True), (9, False)):  # class 0 has 7 other-class images: 9 > 7 draws with replacement
+        ds = L.DistillSet(base, k)
+        for i in range(10):
+            _, y, index, sample = ds[i]
+            pos, neg = sample[0], sample[1:]
+            assert index == i == pos and neg.shape == (k,) and (labels[neg] != y).all()  # exact: the positive is i
+            assert (len(set(neg.tolist())) == k) == distinct or y == 3
+    assert L.DistillSet(base, 0)[3][3].numel() == 0
+
+
+def test_crd_relax_mode_draws_the_positive_from_the_class():
+    """RepDistiller's --mode relax: the positive is a uniformly drawn image of the anchor's class (itself included),
+    the negatives are drawn as in exact mode."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
+    ds = L.DistillSet(base, 4, relax=True)
+    torch.manual_seed(0)
+    positives = torch.stack([ds[0][3][0] for _ in range(600)])  # class 0 = images 0, 3, 6
+    assert set(positives.tolist()) == {0, 3, 6}
+    assert (torch.bincount(positives, minlength=7)[[0, 3, 6]] > 150).all()  # ~200 each
+    assert all(ds[9][3][0] == 9 for _ in range(5))  # a class of one: its only image
+    assert all((labels[ds[i][3][1:]] != labels[i]).all() for i in range(10))
+
+
+
+def test_crd_memory_update_keeps_momentum_on_the_bank():
+    """RepDistiller's ContrastMemory: bank[idx] <- normalise(m * bank[idx] + (1 - m) * v), other rows untouched.
+    At m = 0.9 (not the default 0.5, where swapping m and 1 - m changes nothing)."""
+    torch.manual_seed(0)
+    memory = L.CRDMemory(6, 4, momentum=0.9)
+    bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
+    v_s, v_t = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
+    idx = torch.tensor([1, 4])
+    memory.update(v_s, v_t, idx)
+    for bank, before, v in ((memory.bank_s, bank_s, v_s), (memory.bank_t, bank_t, v_t)):
+        torch.testing.assert_close(bank[idx], F.normalize(0.9 * before[idx] + 0.1 * v, dim=1))
+        keep = torch.tensor([0, 2, 3, 5])
+        assert torch.equal(bank[keep], before[keep])
+
+
+def _crd_banks_on_each_rank():
+    """On each pool rank: CRD's loss on this rank's batch, then the banks updated with the gathered global batch."""
+    ctx = dist.setup("cpu")
+    torch.manual_seed(0)
+    memory = L.CRDMemory(20, 4, 0.5)
+    torch.manual_seed(1 + ctx.rank)  # each rank its own batch
+    v_s, v_t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    idx, neg = torch.arange(3) + 3 * ctx.rank, torch.randint(0, 20, (3, 5))
+    L.crd_loss(v_s, v_t, memory, torch.cat([idx[:, None], neg], dim=1), 0.07)
+    memory.update(dist.gather(v_s), dist.gather(v_t), dist.gather(idx))
+    state = dist.gather(torch.cat([memory.bank_s.flatten(), memory.bank_t.flatten(), memory.z])[None])
+    unit_rows = int((memory.bank_s.norm(dim=1) - 1).abs().lt(1e-6).sum())  # the updated rows are re-normalised
+    return state, unit_rows
+
+
+def test_crd_banks_and_z_stay_equal_across_ranks(gloo_pool):
+    """Every rank updates its banks with the whole global batch and fixes Z with the mean over ranks."""
+    outs = gloo_pool.run(_crd_banks_on_each_rank)
+    for state, _ in outs:
+        assert torch.equal(state[0], state[1]), "the ranks' CRD banks or Z differ"
+    assert outs[0][1] == 6  # 2 ranks x 3 rows renormalised
+
+
 # ------------------------------------------ shared properties ------------------------------------------
 
 def test_identical_features_cost_nothing():
@@ -299,25 +779,46 @@ def test_bad_hint_layer_is_a_config_error():
         L.FitNet(shapes_of("resnet20"), shapes_of("resnet56"), cfg, 0)
 
 
+
 # ---------------------------------- one training step of every method, every pair ----------------------------------
 
-@pytest.mark.parametrize("pair", PAIRS)
-def test_every_method_trains_one_step_on_every_pair(process_group, pair):
-    """train_one_epoch, one step at batch 4, for kd, crd, ifacd and the eight baselines: no shape error, finite
-    losses, a positive method term, and a gradient for every parameter of the student and the heads (what DDP
-    needs without find_unused_parameters)."""
+def method_config(pair, method):
+    """The README cell's config of (pair, method) where RepDistiller's table has one (its weights, the config's own
+    teacher and student), else the method on the pair by flags; cut to one step at batch 4."""
+    small = ["--batch_size", "4", "--max_steps_per_epoch", "1", "--crd_negatives", "4", "--log_every", "100"]
+    cell = os.path.join(RD_CONFIGS, f"{pair}_{method}.yaml")
+    if os.path.exists(cell):
+        cfg = config.parse(M.Config, ["--config", cell, *small])
+        assert (f"{cfg.teacher}-{cfg.student}", cfg.distill) == (pair, method), cell
+        return cfg
+    t_name, s_name = pair.split("-")
+    return config.parse(M.Config, ["--distill", method, "--teacher", t_name, "--student", s_name, "--ifacd_layers",
+                                   "3", *small])
+
+
+@pytest.mark.parametrize("pair", REPDISTILLER_PAIRS)
+def test_every_method_trains_one_step_on_every_pair(process_group, pair, monkeypatch):
+    """train_one_epoch, one step at batch 4: on the slides' six pairs every --distill method (kd, crd, ifacd and the
+    baselines), on RepDistiller's seven others each README cell, each from its README config where there is one.
+    Each builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's paraphraser, FSP's shape
+    check): no shape error, finite losses (the init stage's too), a positive method term, and a gradient for every
+    parameter of the student and the heads (what DDP needs without find_unused_parameters). FSP and KDSVD refuse
+    wrn_40_2 -> wrn_40_1 (32 vs 64 channels: the README's 0.00)."""
     t_name, s_name = pair.split("-")
     torch.manual_seed(0)
     teacher = build_cifar_model(t_name, 10).requires_grad_(False).eval()
+    monkeypatch.setattr(M, "feature_shapes", functools.lru_cache(maxsize=None)(M.feature_shapes))  # teacher once
     base = data.ArrayDataset(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.arange(8) % 4,
                              augment.linear_train_transform(32))
-    for method in M.METHODS[1:]:
-        cfg = config.parse(M.Config, ["--distill", method, "--teacher", t_name, "--student", s_name,
-                                      "--batch_size", "4", "--max_steps_per_epoch", "1", "--crd_negatives", "4",
-                                      "--ifacd_layers", "3", "--log_every", "100"])
+    probe = torch.randn(2, 3, 32, 32)
+    methods = [m for m in M.METHODS[1:]
+               if pair in PAIRS or os.path.exists(os.path.join(RD_CONFIGS, f"{pair}_{m}.yaml"))]
+    assert len(methods) == (15 if pair in PAIRS else 13 if pair == "resnet110-resnet32" else 12), methods
+    for method in methods:
+        cfg = method_config(pair, method)
         student = build_cifar_model(s_name, 10)
-        if method in ("fsp", "kdsvd") and pair == "wrn_40_2-wrn_40_1":  # 32 vs 64 channels: RepDistiller's 0.00
-            with pytest.raises(ConfigError, match="channels"):
+        if method in ("fsp", "kdsvd") and pair == "wrn_40_2-wrn_40_1":
+            with pytest.raises(ConfigError, match="channel"):
                 M.build_method(cfg, student, teacher, len(base))
             continue
         built = M.build_method(cfg, student, teacher, len(base))
@@ -333,3 +834,8 @@ def test_every_method_trains_one_step_on_every_pair(process_group, pair):
         assert (row["distill"] > 0) == (method not in ("kd", "abound", "fsp")), (method, row)
         assert all(p.grad is not None for p in model.parameters()), method
         assert (model.heads is not None) == (method in ("crd", "ifacd", "hint", "correlation", "vid", "factor")), method
+        if hasattr(built, "init_loss"):  # AB, FT, FSP: the init stage's loss too
+            with torch.no_grad():
+                t = teacher(probe, features=True)
+                s, _ = model(probe, t)
+                assert torch.isfinite(built.init_loss(s, t)), method

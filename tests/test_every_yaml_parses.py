@@ -8,12 +8,12 @@ import os
 import pytest
 
 from common import config
-from conftest import ROOT
+from helpers import ROOT
 
 SCRIPTS = {"simclr": "simclr", "mocov3": "mocov3", "byol": "byol", "simsiam_gsg": "simsiam_gsg", "sdssl": "sdssl",
            "msbreg": "msbreg", "ifacd_distill": "ifacd_distill", "ifaclr": "ifaclr"}
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "**", "*.yaml"), recursive=True)
-                 if os.sep + "claims" + os.sep not in p)  # configs/claims/: tests/test_claims.py, with each arm
+                 if os.sep + "claims" + os.sep not in p)  # configs/claims/: tests/runners/test_claims.py, with each arm
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])

@@ -1,6 +1,6 @@
-"""What can be proven on the CPU before a GPU run (#25): --device auto refuses to put several processes per
-node on the CPU without being asked, the training steps force no host synchronisation, and the foreach EMA
-updates equal the per-tensor ones bit for bit."""
+"""What can be proven on the CPU before a GPU run (#25): --device auto refuses to put several
+processes per node on the CPU without being asked, the training steps force no host
+synchronisation, and the foreach EMA updates equal the per-tensor ones bit for bit."""
 import pytest
 import torch
 
@@ -9,10 +9,11 @@ from common.config import ConfigError
 
 
 def test_device_auto_refuses_many_processes_per_node_without_cuda(monkeypatch):
-    """torchrun --nproc_per_node=8 with a torch that sees no GPU must not become 8 gloo processes on the CPU."""
+    """torchrun --nproc_per_node=8 with a torch that sees no GPU must not become 8 gloo processes on
+    the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    with pytest.raises(ConfigError, match="8 processes per node but torch sees no CUDA GPU.*--device cpu"):
+    with pytest.raises(ConfigError, match="8 processes per node but .* no CUDA.*--device cpu"):
         dist.setup("auto")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: the CPU is a fine default
     assert dist.setup("auto").device.type == "cpu"
@@ -31,8 +32,9 @@ def ema_pairs():
     out = []
     small = ["--arch", "resnet8", "--proj_hidden_dim", "16", "--proj_dim", "8"]
     for module, flags in ((mocov3, small), (byol, small), (msbreg, small), (simsiam_gsg, small),
-                          (sdssl, ["--arch", "vit_debug", "--patch_size", "8", "--proj_hidden_dim", "16",
-                                   "--proj_dim", "8", "--isd_hidden_dim", "16", "--pred_hidden_dim", "16"])):
+                          (sdssl, ["--arch", "vit_debug", "--patch_size", "8", "--proj_hidden_dim",
+                                   "16", "--proj_dim", "8", "--isd_hidden_dim", "16",
+                                   "--pred_hidden_dim", "16"])):
         cfg = config.parse(module.Config, flags)
         torch.manual_seed(0)
         model = module.build_student(cfg, 32) if module is sdssl else module.build_model(cfg, 32)
@@ -67,7 +69,7 @@ SYNC_CASES = {  # the scripts whose step must not wait for the host (#25 item 4)
     "byol": ["--arch", "resnet8", "--pred_hidden_dim", "16"],
     "mocov3": ["--arch", "resnet8", "--pred_hidden_dim", "16"],
     "msbreg": ["--arch", "resnet8", "--num_views", "4"],
-    "msbreg-byol": ["--arch", "resnet8", "--num_views", "2", "--centroid", "none"],  # cross_view_loss
+    "msbreg-byol": ["--arch", "resnet8", "--num_views", "2", "--centroid", "none"],  # cross-view
     "simsiam_gsg": ["--arch", "resnet8", "--pred_hidden_dim", "8"],  # GSG: 4 views, partner shuffle
     "simsiam_gsg-byol": ["--arch", "resnet8", "--pred_hidden_dim", "8", "--base", "byol"],
 }
@@ -75,9 +77,10 @@ SYNC_CASES = {  # the scripts whose step must not wait for the host (#25 item 4)
 
 @pytest.mark.parametrize("case", sorted(SYNC_CASES))
 def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, monkeypatch, case):
-    """Counted on the CPU with tests/helpers.py's HostSyncCounter around each step's body (the loader's
-    fetch excluded: on a GPU it runs in the workers): the steps that print no log line make none. The first
-    step fills the augmentation's device caches; the last logs (meter.check, a sync by design)."""
+    """Counted on the CPU with tests/helpers.py's HostSyncCounter around each step's body (the
+    loader's fetch excluded: on a GPU it runs in the workers): the steps that print no log line
+    make none. The first step fills the augmentation's device caches; the last logs (meter.check, a
+    sync by design)."""
     import importlib
     import sys
 
@@ -94,9 +97,10 @@ def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, m
             counters.append(counter)
     monkeypatch.setattr(log.Progress, "__iter__", counted)
     monkeypatch.setattr(dist, "cleanup", lambda: None)
-    monkeypatch.setattr(sys, "argv", [case + ".py", "--dataset", "fake", "--device", "cpu", "--epochs", "1",
-                                      "--max_steps_per_epoch", "4", "--batch_size", "8", "--num_workers", "0",
-                                      "--eval_every", "0", "--log_every", "1000", "--aug_device", "gpu",
+    monkeypatch.setattr(sys, "argv", [case + ".py", "--dataset", "fake", "--device", "cpu",
+                                      "--epochs", "1", "--max_steps_per_epoch", "4", "--batch_size",
+                                      "8", "--num_workers", "0", "--eval_every", "0",
+                                      "--log_every", "1000", "--aug_device", "gpu",
                                       "--proj_hidden_dim", "16", "--proj_dim", "8", "--output_dir",
                                       str(tmp_path), *SYNC_CASES[case]])
     module.main()
@@ -106,8 +110,8 @@ def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, m
 
 
 def test_crd_reads_its_normaliser_once():
-    """CRD's Z is fixed at the first batch; later steps must not read it back from the device (a sync per
-    step), and a loaded state (a resumed run's Z, or a fresh one) is read again."""
+    """CRD's Z is fixed at the first batch; later steps must not read it back from the device (a
+    sync per step), and a loaded state (a resumed run's Z, or a fresh one) is read again."""
     import distill_losses
     from helpers import HostSyncCounter
     memory = distill_losses.CRDMemory(64, 8, 0.5)
@@ -123,7 +127,8 @@ def test_crd_reads_its_normaliser_once():
 
 
 def test_fp32_means_tf32_matmuls_and_convolutions():
-    """--amp none on a GPU: TF32 products in matmuls and convolutions alike (common/dist.py `tf32`)."""
+    """--amp none on a GPU: TF32 products in matmuls and convolutions alike (common/dist.py
+    `tf32`)."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -140,3 +145,26 @@ def test_gsg_draws_its_partner_permutation_on_the_views_device():
     views = [torch.empty(6, 3, 4, 4, device="meta") for _ in range(4)]
     shuffled, r = partner_views(views)
     assert r.device.type == "meta" and all(v.device.type == "meta" for v in shuffled)
+
+
+def test_gpu_report_runs_in_tiny_mode_on_the_cpu(tmp_path):
+    """scripts/gpu_report.py, the first-contact command, at toy sizes: every section fills in, every
+    script and distillation method takes its 3 smoke steps, resume is bit-exact on the CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, env
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_report.py"), "--out",
+                          str(tmp_path), "--tiny"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    sections = ["environment", "simclr_step", "smoke", "resume", "augmentation", "sdssl_ratio",
+                "precision", "host_syncs"]
+    assert all(name in report and "error" not in report[name] for name in sections), report
+    failed = {name: r for name, r in report["smoke"].items() if not r["ok"]}
+    assert not failed and len(report["smoke"]) == 13 + 16, failed  # 13 SSL cases, 16 distillation
+    assert report["resume"]["bit_exact"] and report["sdssl_ratio"]["ratio"] > 0  # a timing
+    assert "# GPU report" in open(tmp_path / "report.md").read()

@@ -1,8 +1,10 @@
-"""ifacd_distill.py: losses against naive references, CRD's memory and sampler, the frozen teacher, the slides'
-parameter table, 2-epoch runs (one on 2 ranks), bit-exact resume with CRD's banks, clear errors, the table runner."""
+"""ifacd_distill.py: KD's and IFACD's losses against naive references, the frozen teacher, the slides' parameter
+table, the IFACD head, the loop's runs: a resnet14 teacher and bit-exact resumes of CRD (banks, Z) and of RepDistiller's
+init stage (AB) in this process, every RepDistiller method on the gloo pool's 2 ranks, one 2-rank torchrun run of IFACD
+(smoke, log, parameter counts) resumed bit-exactly on the pool; clear errors. (The baselines' losses, CRD's included:
+tests/test_distill_losses.py; the table runner: tests/runners/test_run_table_ifacd.py.)"""
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from common import config, data, dist
 from common.cifar_models import build_cifar_model
-from conftest import ROOT, assert_same_tensors, launch, load_ckpt, read_log
+from helpers import (assert_same_tensors, copy_epoch_1, launch, load_ckpt, naive_supcon, read_log, run_script)
 
 import distill_losses
 import ifacd_distill as M
@@ -56,24 +58,11 @@ def test_kd_loss_matches_naive_value_and_gradient():
     assert M.kd_loss(t, t, T).abs() < 1e-12  # identical logits: zero
 
 
-def naive_supcon(z, tau):
-    """SupCon 'all' without labels, anchor by anchor (z: (n, V, D) already normalised)."""
-    n, V, _ = z.shape
-    flat = [(i, v) for i in range(n) for v in range(V)]
-    total = 0.0
-    for i, v in flat:
-        others = [(j, w) for j, w in flat if (j, w) != (i, v)]
-        log_den = torch.logsumexp(torch.stack([z[i, v] @ z[j, w] / tau for j, w in others]), 0)
-        pos = [z[i, v] @ z[i, w] / tau - log_den for w in range(V) if w != v]
-        total = total - sum(pos) / len(pos)
-    return total / len(flat)
-
-
 def test_ifacd_loss_matches_naive_supcon(process_group):
     torch.manual_seed(0)
     f = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
     ours = M.ifacd_loss(f, 0.07)
-    naive = naive_supcon(F.normalize(f, dim=2), 0.07)
+    naive = naive_supcon(f, 0.07)  # it normalises, as ifacd_loss
     assert ours.dtype == torch.float64 and torch.allclose(ours, naive)
     assert torch.allclose(torch.autograd.grad(ours, f)[0], torch.autograd.grad(naive, f)[0])
     assert torch.allclose(M.ifacd_loss(3 * f, 0.07), ours)  # scale-free: the features are normalised
@@ -85,81 +74,6 @@ def test_ifacd_loss_analytic_case(process_group):
     f = torch.eye(n, dtype=torch.float64)[:, None, :].expand(n, V, n)
     expected = math.log(V - 1 + (n - 1) * V * math.exp(-1 / tau))
     assert abs(M.ifacd_loss(f, tau).item() - expected) < 1e-12
-
-
-def naive_crd(v_s, v_t, bank_s, bank_t, idx, neg, tau, z=None):
-    """CRD's loss sample by sample; z = (Z_s, Z_t), or None to fix them from this batch (mean score x N)."""
-    N, K, B = bank_s.shape[0], neg.shape[1], v_s.shape[0]
-    e_s = torch.stack([torch.stack([torch.exp(bank_t[j] @ v_s[i] / tau) for j in [idx[i]] + neg[i].tolist()])
-                       for i in range(B)])
-    e_t = torch.stack([torch.stack([torch.exp(bank_s[j] @ v_t[i] / tau) for j in [idx[i]] + neg[i].tolist()])
-                       for i in range(B)])
-    z = z or (e_s.detach().mean() * N, e_t.detach().mean() * N)
-    loss = 0.0
-    for e, zz in ((e_s, z[0]), (e_t, z[1])):
-        for i in range(B):
-            p = e[i] / zz
-            loss = loss - torch.log(p[0] / (p[0] + K / N + 1e-7))
-            loss = loss - sum(torch.log((K / N) / (p[k] + K / N + 1e-7)) for k in range(1, K + 1))
-    return loss / B, z
-
-
-def test_crd_loss_matches_naive_on_a_tiny_bank(process_group):
-    torch.manual_seed(0)
-    N, D, B, K, tau = 10, 4, 3, 4, 0.07
-    memory = distill_losses.CRDMemory(N, D, momentum=0.5)
-    bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
-    v_s = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
-    v_t = F.normalize(torch.randn(B, D), dim=1).requires_grad_()
-    idx, neg = torch.tensor([0, 4, 7]), torch.randint(0, N, (B, K))
-    sample = torch.cat([idx[:, None], neg], dim=1)  # the positive (the image itself), then the negatives
-    ours = distill_losses.crd_loss(v_s, v_t, memory, sample, tau)
-    naive, z = naive_crd(v_s, v_t, bank_s, bank_t, idx.tolist(), neg, tau)
-    assert torch.allclose(ours, naive, rtol=1e-5)
-    assert torch.allclose(memory.z, torch.stack(z))
-    g_ours = torch.autograd.grad(ours, [v_s, v_t])
-    g_naive = torch.autograd.grad(naive, [v_s, v_t])
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_ours, g_naive))
-    # The bank update: m * old + (1 - m) * v, re-normalised, only the batch's rows.
-    memory.update(v_s.detach(), v_t.detach(), idx)
-    assert torch.allclose(memory.bank_s[idx], F.normalize(0.5 * bank_s[idx] + 0.5 * v_s.detach(), dim=1))
-    assert torch.allclose(memory.bank_t[idx], F.normalize(0.5 * bank_t[idx] + 0.5 * v_t.detach(), dim=1))
-    rest = torch.tensor([i for i in range(N) if i not in idx.tolist()])
-    assert torch.equal(memory.bank_s[rest], bank_s[rest])
-    # Z stays fixed after the first batch.
-    z_first = memory.z.clone()
-    second = distill_losses.crd_loss(v_s, v_t, memory, sample, tau)
-    assert torch.equal(memory.z, z_first)
-    naive2, _ = naive_crd(v_s, v_t, memory.bank_s, memory.bank_t, idx.tolist(), neg, tau, z=tuple(z_first))
-    assert torch.allclose(second, naive2, rtol=1e-5)
-
-
-def test_crd_sampler_draws_other_class_negatives():
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
-    base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
-    torch.manual_seed(0)
-    for k, distinct in ((6, True), (9, False)):  # class 0 has 7 other-class images: 9 > 7 draws with replacement
-        ds = distill_losses.DistillSet(base, k)
-        for i in range(10):
-            _, y, index, sample = ds[i]
-            pos, neg = sample[0], sample[1:]
-            assert index == i == pos and neg.shape == (k,) and (labels[neg] != y).all()  # exact: the positive is i
-            assert (len(set(neg.tolist())) == k) == distinct or y == 3
-    assert distill_losses.DistillSet(base, 0)[3][3].numel() == 0
-
-
-def test_crd_relax_mode_draws_the_positive_from_the_class():
-    """RepDistiller's --mode relax: the positive is a uniformly drawn image of the anchor's class (itself included),
-    the negatives are drawn as in exact mode."""
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
-    base = data.ArrayDataset(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), labels)
-    ds = distill_losses.DistillSet(base, 4, relax=True)
-    torch.manual_seed(0)
-    positives = torch.stack([ds[0][3][0] for _ in range(600)])  # class 0 = images 0, 3, 6
-    assert set(positives.tolist()) == {0, 3, 6}
-    assert (torch.bincount(positives, minlength=7)[[0, 3, 6]] > 150).all()  # ~200 each
-    assert all(ds[9][3][0] == 9 for _ in range(5))  # a class of one: its only image
-    assert all((labels[ds[i][3][1:]] != labels[i]).all() for i in range(10))
 
 
 # ------------------------------------- heads and the slides' parameter table -------------------------------------
@@ -222,7 +136,7 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient(process_group, cifa
     assert not torch.equal(before_s["heads.rescalers.0.0.weight"], after["heads.rescalers.0.0.weight"])
 
 
-# ------------------------------------------------ end to end ------------------------------------------------
+# ------------------------------------------------ runs ------------------------------------------------
 
 def run_args(root, out, *extra):
     return ["--dataset", "cifar100", "--data_dir", root, "--download", "false", "--output_dir", out,
@@ -231,45 +145,28 @@ def run_args(root, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(cifar_root, tmp_path_factory):
-    """A resnet14 teacher: this script with --distill none, one epoch (single process)."""
+def teacher_ckpt(process_group, cifar_root, tmp_path_factory):
+    """A resnet14 teacher: this script with --distill none, one epoch (in this process)."""
     out = str(tmp_path_factory.mktemp("teacher"))
-    launch("ifacd_distill.py", run_args(cifar_root, out, "--distill", "none", "--student", "resnet14",
-                                        "--epochs", "1"), nproc=0)
+    run_script("ifacd_distill", run_args(cifar_root, out, "--distill", "none", "--student", "resnet14", "--epochs",
+                                         "1"))
     blob = load_ckpt(out)
     assert blob["epoch"] == 1 and all(k.startswith("student.") for k in blob["model"])
     return os.path.join(out, "last.pt")
 
 
-def test_ifacd_two_ranks_two_epochs(cifar_root, teacher_ckpt, tmp_path):
-    out = str(tmp_path / "ifacd")
-    launch("ifacd_distill.py", run_args(cifar_root, out, "--distill", "ifacd", "--teacher", "resnet14",
-                                        "--teacher_ckpt", teacher_ckpt, "--student", "resnet8", "--ifacd_layers", "3"))
-    rows = read_log(out)
-    assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) and r["distill"] > 0 for r in rows)
-    assert all(0 <= r["test_top1"] <= r["best_test_top1"] <= 100 and r["peak_rss_gb"] > 0 for r in rows)
-    # the whole run's wall time, cumulative; no GPU memory figure on the CPU (the table says "cpu")
-    assert 0 < rows[0]["train_time_s"] < rows[1]["train_time_s"] and "peak_mem_reserved_gb" not in rows[1]
-    # resnet8 + 3 rescalers (64 -> 64) + proj_s, proj_t (64 -> 128), BN1d everywhere; the slides add the
-    # resnet14 teacher and count the heads twice.
-    heads = 3 * (64 * 64 + 64 + 128) + 2 * (64 * 128 + 128 + 256)
-    assert rows[-1]["params"] == 83_892 + heads and rows[-1]["params_slides"] == 181_108 + 83_892 + 2 * heads
-    blob = load_ckpt(out)
-    assert blob["epoch"] == 2 and blob["step"] == 4 and blob["loss_state"] == {}
-    assert any(k.startswith("heads.rescalers.2.") for k in blob["model"])
-
-
-def test_crd_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
-    """2 epochs straight vs the epoch-1 checkpoint relaunched: identical model, optimizer and CRD banks + Z."""
+def test_crd_resume_is_bit_exact(process_group, cifar_root, teacher_ckpt, tmp_path):
+    """In this process, 2 epochs straight vs the epoch-1 checkpoint resumed: identical model, optimizer and CRD
+    banks + Z."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     crd = ["--distill", "crd", "--teacher", "resnet14", "--teacher_ckpt", teacher_ckpt, "--student", "resnet8",
            "--crd_negatives", "16"]
-    launch("ifacd_distill.py", run_args(cifar_root, straight, *crd, "--save_every", "1"), nproc=0)
+    run_script("ifacd_distill", run_args(cifar_root, straight, *crd, "--save_every", "1"))
     os.makedirs(resumed)
     blob = load_ckpt(straight, "epoch_0001.pt")
     torch.save({**blob, "train_time_s": 1000.0}, os.path.join(resumed, "last.pt"))  # as if epoch 0 took 1000 s
-    run = launch("ifacd_distill.py", run_args(cifar_root, resumed, *crd), nproc=0)
-    assert "resumed from" in run.stdout and "at epoch 1" in run.stdout
+    out = run_script("ifacd_distill", run_args(cifar_root, resumed, *crd))
+    assert "resumed from" in out and "at epoch 1" in out
     a, b, first = load_ckpt(straight), load_ckpt(resumed), load_ckpt(straight, "epoch_0001.pt")
     for key in ("model", "optimizer", "loss_state"):
         assert_same_tensors(a[key], b[key], key)
@@ -285,14 +182,14 @@ def test_crd_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
 
 # ------------------------------------ RepDistiller's init stage (AB, FT, FSP) ------------------------------------
 
-def test_init_stage_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
-    """AB, 2 init epochs + 1 main epoch, straight vs relaunched from the checkpoint after init epoch -2: identical
-    student, connectors and both optimizers. The init stage trains the connectors and the student's feature modules
-    but not its classifier; it is logged as epochs -2, -1 and never evaluated."""
+def test_init_stage_resume_is_bit_exact(process_group, cifar_root, teacher_ckpt, tmp_path):
+    """AB, 2 init epochs + 1 main epoch, straight vs resumed (in this process) from the checkpoint after init epoch
+    -2: identical student, connectors and both optimizers. The init stage trains the connectors and the student's
+    feature modules but not its classifier; it is logged as epochs -2, -1 and never evaluated."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     ab = ["--distill", "abound", "--teacher", "resnet14", "--teacher_ckpt", teacher_ckpt, "--student", "resnet8x4",
           "--init_epochs", "2", "--epochs", "1"]  # resnet8x4 has twice resnet14's widths: 1x1 conv + BN connectors
-    launch("ifacd_distill.py", run_args(cifar_root, straight, *ab, "--save_every", "1"), nproc=0)
+    run_script("ifacd_distill", run_args(cifar_root, straight, *ab, "--save_every", "1"))
     rows = read_log(straight)
     assert [r["epoch"] for r in rows] == [-2, -1, 0] and ["test_top1" in r for r in rows] == [False, False, True]
     assert rows[0]["loss"] > 0 and rows[2]["distill"] == 0  # AB adds nothing to the main loop
@@ -305,45 +202,42 @@ def test_init_stage_resume_is_bit_exact(cifar_root, teacher_ckpt, tmp_path):
                            after_init["loss_state"]["connectors.2.conv.weight"])
     os.makedirs(resumed)
     torch.save(first, os.path.join(resumed, "last.pt"))
-    run = launch("ifacd_distill.py", run_args(cifar_root, resumed, *ab), nproc=0)
-    assert "resumed from" in run.stdout and "at epoch -1" in run.stdout
+    out = run_script("ifacd_distill", run_args(cifar_root, resumed, *ab))
+    assert "resumed from" in out and "at epoch -1" in out
     a, b = load_ckpt(straight), load_ckpt(resumed)
     for key in ("model", "optimizer", "loss_state", "init_optimizer"):
         assert_same_tensors(a[key], b[key], key)
     assert [r["epoch"] for r in read_log(resumed)] == [-1, 0]
 
 
-SMOKE = """
-import sys
-import torch
-from common import dist
-import ifacd_distill as M
-dist.cleanup = lambda: None  # one process group for every run of this process
-seen = {}
-init_epoch = M.train_init_epoch
-def spy(model, teacher, method, *args):  # keep the init stage's modules to compare the ranks later
-    seen.update(model=model, state=method.state or torch.nn.Module())
-    return init_epoch(model, teacher, method, *args)
-M.train_init_epoch = spy
-for name, argv in RUNS:
-    seen.clear()
-    sys.argv = ["ifacd_distill.py", *COMMON, "--output_dir", OUT + "/" + name, *argv]
-    M.main()
-    if seen:  # trained outside DDP in the init stage: the same weights on both ranks, and the same loss state
-        flat = torch.cat([t.detach().flatten().float() for t in [*seen["model"].parameters(),
-                          *seen["state"].state_dict().values()]])
-        both = dist.gather(flat[None])
-        assert torch.equal(both[0], both[1]), name + ": the ranks differ after the init stage"
-    if dist.rank() == 0:
-        print("done", name, flush=True)
-"""
+def _each_method(runs, common, out_root):
+    """On each pool rank: every run in turn, the group kept between runs; after an init stage, the modules it trained
+    (outside DDP) must be the same on both ranks, and so must the loss state. Returns the names of the runs done."""
+    seen, init_epoch, done = {}, M.train_init_epoch, []
+
+    def spy(model, teacher, method, *args):  # keep the init stage's modules to compare the ranks later
+        seen.update(model=model, state=method.state or torch.nn.Module())
+        return init_epoch(model, teacher, method, *args)
+    M.train_init_epoch = spy
+    try:
+        for name, argv in runs:
+            seen.clear()
+            run_script("ifacd_distill", [*common, "--output_dir", os.path.join(out_root, name), *argv])
+            if seen:  # trained outside DDP in the init stage: the same weights on both ranks, the same loss state
+                flat = torch.cat([t.detach().flatten().float() for t in [*seen["model"].parameters(),
+                                  *seen["state"].state_dict().values()]])
+                both = dist.gather(flat[None])
+                assert torch.equal(both[0], both[1]), name + ": the ranks differ after the init stage"
+            done.append(name)
+    finally:
+        M.train_init_epoch = init_epoch
+    return done
 
 
-def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, tmp_path):
+def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, gloo_pool, tmp_path):
     """Every method added for RepDistiller's benchmark on a cross-family pair (the resnet14 teacher -> MobileNetV2,
-    ShuffleV1 or wrn_16_1), 2 ranks, 1 init epoch (AB, FT, FSP) + 1 main epoch: all in one torchrun, the group kept
-    between runs. FSP and KDSVD need equal channel counts per stage (RepDistiller refuses or crashes on other
-    pairs): wrn_16_1's are resnet14's."""
+    ShuffleV1 or wrn_16_1), 2 ranks (the gloo pool), 1 init epoch (AB, FT, FSP) + 1 main epoch. FSP and KDSVD need
+    equal channel counts per stage (RepDistiller refuses or crashes on other pairs): wrn_16_1's are resnet14's."""
     runs = {"abound": ["--distill", "abound", "--student", "ShuffleV1"],
             "factor": ["--distill", "factor", "--student", "MobileNetV2"],
             "fsp": ["--distill", "fsp", "--student", "wrn_16_1"],
@@ -352,10 +246,8 @@ def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, tmp_pat
     common = run_args(cifar_root, "unused", "--teacher", "resnet14", "--teacher_ckpt", teacher_ckpt, "--epochs", "1",
                       "--init_epochs", "1")
     common = common[:common.index("--output_dir")] + common[common.index("--output_dir") + 2:]
-    script = tmp_path / "smoke.py"
-    script.write_text(f"RUNS = {list(runs.items())!r}\nCOMMON = {common!r}\nOUT = {str(tmp_path)!r}\n" + SMOKE)
-    out = launch(str(script), [], nproc=2)
-    assert out.stdout.count("done") == len(runs), out.stdout[-3000:]
+    for done in gloo_pool.run(_each_method, list(runs.items()), common, str(tmp_path)):
+        assert done == list(runs)
     for name in runs:
         rows = read_log(str(tmp_path / name))
         two_stage = name in ("abound", "factor", "fsp")
@@ -366,35 +258,50 @@ def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, tmp_pat
         assert blob["epoch"] == 1 and ("init_optimizer" in blob) == two_stage, name
 
 
-BANK_CHECK = """
-import torch, torch.nn.functional as F
-from common import dist
-import distill_losses
-ctx = dist.setup("cpu")
-torch.manual_seed(0)
-memory = distill_losses.CRDMemory(20, 4, 0.5)
-torch.manual_seed(1 + ctx.rank)  # each rank its own batch
-v_s, v_t = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
-idx, neg = torch.arange(3) + 3 * ctx.rank, torch.randint(0, 20, (3, 5))
-distill_losses.crd_loss(v_s, v_t, memory, torch.cat([idx[:, None], neg], dim=1), 0.07)
-memory.update(dist.gather(v_s), dist.gather(v_t), dist.gather(idx))
-state = dist.gather(torch.cat([memory.bank_s.flatten(), memory.bank_t.flatten(), memory.z])[None])
-assert torch.equal(state[0], state[1]), "the ranks' CRD banks or Z differ"
-unit_rows = int((memory.bank_s.norm(dim=1) - 1).abs().lt(1e-6).sum())  # the updated rows are re-normalised
-import sys
-sys.stdout.write(f"banks equal {ctx.rank} {unit_rows}\\n")  # one write per rank: the two ranks' lines cannot interleave
-sys.stdout.flush()
-dist.cleanup()
-"""
+IFACD = ("--distill", "ifacd", "--teacher", "resnet14", "--student", "resnet8", "--ifacd_layers", "3", "--save_every",
+         "1")
 
 
-def test_crd_banks_and_z_stay_equal_across_ranks(tmp_path):
-    """Every rank updates its banks with the whole global batch and fixes Z with the mean over ranks."""
-    script = tmp_path / "bank_check.py"
-    script.write_text(BANK_CHECK)
-    out = launch(str(script), [], nproc=2)
-    assert out.stdout.count("banks equal") == 2 and "banks equal 0 6" in out.stdout  # 2 ranks x 3 rows renormalised
+@pytest.fixture(scope="module")
+def run(cifar_root, teacher_ckpt, tmp_path_factory):
+    """IFACD, 2 ranks (torchrun), 2 epochs, a checkpoint after each epoch."""
+    out = str(tmp_path_factory.mktemp("ifacd") / "straight")
+    launch("ifacd_distill.py", run_args(cifar_root, out, *IFACD, "--teacher_ckpt", teacher_ckpt))
+    return out
 
+
+@pytest.mark.e2e
+def test_ifacd_two_ranks_two_epochs(run):
+    rows = read_log(run)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) and r["distill"] > 0 for r in rows)
+    assert all(0 <= r["test_top1"] <= r["best_test_top1"] <= 100 and r["peak_rss_gb"] > 0 for r in rows)
+    # the whole run's wall time, cumulative; no GPU memory figure on the CPU (the table says "cpu")
+    assert 0 < rows[0]["train_time_s"] < rows[1]["train_time_s"] and "peak_mem_reserved_gb" not in rows[1]
+    # resnet8 + 3 rescalers (64 -> 64) + proj_s, proj_t (64 -> 128), BN1d everywhere; the slides add the
+    # resnet14 teacher and count the heads twice.
+    heads = 3 * (64 * 64 + 64 + 128) + 2 * (64 * 128 + 128 + 256)
+    assert rows[-1]["params"] == 83_892 + heads and rows[-1]["params_slides"] == 181_108 + 83_892 + 2 * heads
+    blob = load_ckpt(run)
+    assert blob["epoch"] == 2 and blob["step"] == 4 and blob["loss_state"] == {}
+    assert any(k.startswith("heads.rescalers.2.") for k in blob["model"])
+
+
+@pytest.mark.e2e
+def test_ifacd_two_ranks_resume_is_bit_exact(run, cifar_root, teacher_ckpt, gloo_pool, tmp_path):
+    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same student, heads and
+    optimizer."""
+    resumed = str(tmp_path / "resumed")
+    copy_epoch_1(run, resumed)
+    out = gloo_pool.run(run_script, "ifacd_distill",
+                        run_args(cifar_root, resumed, *IFACD, "--teacher_ckpt", teacher_ckpt))[0]
+    assert "resumed from" in out and "at epoch 1" in out
+    a, b = load_ckpt(run), load_ckpt(resumed)
+    for key in ("model", "optimizer", "loss_state"):
+        assert_same_tensors(a[key], b[key], key)
+    assert read_log(resumed)[0]["epoch"] == 1
+
+
+# ------------------------------------------------ clear errors ------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
     (["--student", "resnet19"], "student='resnet19' is not one of"),
@@ -435,90 +342,3 @@ def test_teacher_loads_from_a_bare_state_dict(tmp_path):
         teacher = M.load_teacher(cfg.teacher_ckpt, cfg.teacher, 100, torch.device("cpu"))
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert_same_tensors(teacher.state_dict(), model.state_dict())
-
-
-# ------------------------------------------------ the table runner ------------------------------------------------
-
-def run_table(*argv):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), *argv], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def test_run_table_dry_run_and_summary(tmp_path):
-    root = str(tmp_path / "table")
-    argv = ["--methods", "student", "ifacd2", "--pairs", "resnet56-resnet20", "resnet110-resnet20",
-            "--seeds", "0", "1", "--out_root", root]
-    printed = run_table("ifacd", *argv, "--dry_run", "--", "--epochs", "1").splitlines()
-    commands = [line for line in printed if "ifacd_distill.py" in line]
-    assert len(commands) == 2 + 2 + 4  # two teachers once, resnet20 vanilla x 2 seeds, 2 pairs x 2 seeds
-    assert sum("vanilla_resnet56.yaml" in c for c in commands) == 1 and all(c.endswith("--epochs 1") for c in commands)
-    assert "--teacher_ckpt " + os.path.join(root, "vanilla_resnet56", "last.pt") in commands[-4]
-    assert not os.path.exists(root)  # a dry run writes nothing
-    # Finished runs are skipped and summarised: fake them (a complete last.pt and a log.jsonl each).
-    accs = {"vanilla_resnet56": [72.0], "vanilla_resnet110": [74.0], "vanilla_resnet20/seed0": [69.0],
-            "vanilla_resnet20/seed1": [70.0], "resnet56-resnet20_ifacd2/seed0": [71.0],
-            "resnet56-resnet20_ifacd2/seed1": [72.0], "resnet110-resnet20_ifacd2/seed0": [70.5],
-            "resnet110-resnet20_ifacd2/seed1": [71.5]}
-    for run, (acc,) in accs.items():
-        os.makedirs(os.path.join(root, run))
-        M.checkpoint.save(os.path.join(root, run, "last.pt"), 1, 2, {"epochs": 1})
-        M.log.append_jsonl(os.path.join(root, run, "log.jsonl"), {"epoch": 0, "test_top1": acc, "best_test_top1": acc})
-    out = run_table("ifacd", *argv)
-    assert "ifacd_distill.py" not in out and out.count("# done") == 8
-    table = open(os.path.join(root, "results.md")).read()
-    assert ("| ifacd2 | 71.50 ± 0.71 (n=2) [slides 71.7] | 71.00 ± 0.71 (n=2) [slides 71.57] "
-            "| 71.25 [slides 71.63] |") in table
-    assert "| student | 69.50 ± 0.71 (n=2) [slides 69] | 69.50 ± 0.71 (n=2) [slides 69] |" in table
-    assert "| teacher | 72.00 ± 0.00 (n=1) [slides 72.79] |" in table
-    assert len(open(os.path.join(root, "results.csv")).read().splitlines()) == 1 + 8
-
-
-TABLE_ROWS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst", "crd", "ifacd1",
-              "ifacd2", "ifacd3"]
-REPDISTILLER_B = {"crd": 0.8, "hint": 100, "attention": 1000, "similarity": 3000, "correlation": 0.02, "vid": 1,
-                  "rkd": 1, "pkt": 30000, "nst": 50}  # RepDistiller scripts/run_cifar_distill.sh -b (section 9)
-
-
-def test_every_cell_of_the_table_has_a_config():
-    """Six pairs x 13 method rows: each YAML parses, names its pair and method, keeps S000's alpha = beta = 1, and
-    weighs the RepDistiller methods with RepDistiller's b."""
-    for pair in PAIRS:
-        t_name, s_name = pair.split("-")
-        for row in TABLE_ROWS:
-            cfg = cfg_of("--config", os.path.join(ROOT, "configs", "ifacd_distill", f"{pair}_{row}.yaml"))
-            method = "ifacd" if row.startswith("ifacd") else row
-            assert (cfg.teacher, cfg.student, cfg.distill) == (t_name, s_name, method), (pair, row)
-            assert cfg.alpha == cfg.beta == 1 and cfg.output_dir.endswith(f"{pair}_{row}")
-            assert cfg.teacher_ckpt == f"out/ifacd_distill/vanilla_{t_name}/last.pt"
-            if method in REPDISTILLER_B:
-                assert cfg.gamma == REPDISTILLER_B[method], (pair, row)
-            if method == "ifacd":
-                assert cfg.ifacd_layers == int(row[-1])
-
-
-def test_run_table_defaults_to_the_whole_table(tmp_path):
-    commands = [c for c in run_table("ifacd", "--seeds", "0", "--out_root", str(tmp_path), "--dry_run").splitlines()
-                if "ifacd_distill.py" in c]
-    # 5 teachers, 5 vanilla students (resnet20 serves two pairs), 13 rows x 6 pairs
-    assert len(commands) == 5 + 5 + 13 * 6
-    unnamed = run_table("--seeds", "0", "--out_root", str(tmp_path), "--dry_run")  # before tables had names
-    assert [c for c in unnamed.splitlines() if "ifacd_distill.py" in c] == commands
-    for row in TABLE_ROWS:
-        assert sum(f"_{row}.yaml" in c for c in commands) == 6, row
-
-
-def test_crd_memory_update_keeps_momentum_on_the_bank():
-    """RepDistiller's ContrastMemory: bank[idx] <- normalise(m * bank[idx] + (1 - m) * v), other rows untouched.
-    At m = 0.9 (not the default 0.5, where swapping m and 1 - m changes nothing)."""
-    torch.manual_seed(0)
-    memory = distill_losses.CRDMemory(6, 4, momentum=0.9)
-    bank_s, bank_t = memory.bank_s.clone(), memory.bank_t.clone()
-    v_s, v_t = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
-    idx = torch.tensor([1, 4])
-    memory.update(v_s, v_t, idx)
-    for bank, before, v in ((memory.bank_s, bank_s, v_s), (memory.bank_t, bank_t, v_t)):
-        torch.testing.assert_close(bank[idx], F.normalize(0.9 * before[idx] + 0.1 * v, dim=1))
-        keep = torch.tensor([0, 2, 3, 5])
-        assert torch.equal(bank[keep], before[keep])

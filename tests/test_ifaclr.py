@@ -1,37 +1,20 @@
 """ifaclr.py (IFACD slides, appendix A): the loss against a loop transcription of SupCon 'all' over
 [B, views x layers, D], the detached layers of lwclr, simlwclr's pairing, the prototype's head, two gloo
-ranks vs one process, and a 2-rank torchrun run with the layer-similarity log and per-layer k-NN on its
-checkpoint (resume: tests/test_wiring.py)."""
+ranks (the pool) vs one process, and a 2-rank torchrun run with the layer-similarity log and per-layer k-NN on its
+checkpoint, resumed bit-exactly on the pool (in one process: tests/test_wiring.py)."""
 import math
 import os
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import ifaclr
 import simclr
 from common import config, dist, models
-from conftest import launch, load_ckpt, read_log, tiny_args
+from helpers import (assert_same_tensors, copy_epoch_1, launch, load_ckpt, naive_supcon, read_log, run_script,
+                     tiny_args)
 
 VIT = ["--arch", "vit_debug", "--patch_size", "8", "--num_heads", "2"]
-
-
-def naive_supcon(z, tau):
-    """Khosla et al. Eq. 2 (L^sup_out), labels = the image: for every representation i of every image b,
-    -1/|P(i)| sum_p log(exp(z_i.z_p/tau) / sum_{a != i} exp(z_i.z_a/tau)), averaged over all B*V anchors."""
-    b_n, v_n, _ = z.shape
-    flat = [(b, v) for b in range(b_n) for v in range(v_n)]
-    total = 0.0
-    for b, v in flat:
-        zi = F.normalize(z[b, v], dim=0)
-        sims = {(c, w): torch.dot(zi, F.normalize(z[c, w], dim=0)) / tau for c, w in flat if (c, w) != (b, v)}
-        log_denominator = torch.logsumexp(torch.stack(list(sims.values())), 0)
-        positives = [sims[(b, w)] - log_denominator for w in range(v_n) if w != v]
-        total = total - sum(positives) / len(positives)
-    return total / len(flat)
 
 
 @pytest.mark.parametrize("b, v, tau", [(1, 2, 0.5), (4, 3, 0.5), (5, 4, 0.07)])
@@ -126,22 +109,21 @@ def make_batch_and_net():
     return torch.randn(N, V, D_IN, dtype=torch.float64), torch.nn.Linear(D_IN, 4).double()
 
 
-def _worker(rank, tmp):
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+def _two_rank_step():
+    """On each pool rank: its half of the batch through DDP, the loss, backward."""
+    ctx = dist.setup("cpu")
     x, net = make_batch_and_net()
-    net_ddp = dist.ddp(net, dist.Context(rank, rank, 2, torch.device("cpu")))
-    loss = ifaclr.ifaclr_loss(net_ddp(x[rank * N // 2:(rank + 1) * N // 2]), 0.5)
+    net_ddp = dist.ddp(net, ctx)
+    loss = ifaclr.ifaclr_loss(net_ddp(x[ctx.rank * N // 2:(ctx.rank + 1) * N // 2]), 0.5)
     loss.backward()
-    torch.save({"grad": [p.grad for p in net.parameters()], "loss": loss.detach()}, f"{tmp}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    return {"grad": [p.grad for p in net.parameters()], "loss": loss.detach()}
 
 
-def test_two_ranks_equal_one_process(process_group, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+def test_two_ranks_equal_one_process(process_group, gloo_pool):
+    outs = gloo_pool.run(_two_rank_step)
     x, net = make_batch_and_net()
     full = ifaclr.ifaclr_loss(net(x), 0.5)
     full.backward()
-    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close((outs[0]["loss"] + outs[1]["loss"]) / 2, full.detach(), rtol=0, atol=1e-9)
     for out in outs:
         for ours, ref in zip(out["grad"], net.parameters()):
@@ -150,20 +132,38 @@ def test_two_ranks_equal_one_process(process_group, tmp_path):
 
 # ----- end to end -----
 
-def test_two_rank_lwclr_run_logs_layer_similarity_and_per_layer_knn(image_folder, tmp_path):
-    out = str(tmp_path / "lwclr")
-    launch("ifaclr.py", tiny_args(image_folder, out, *VIT, "--method", "lwclr", "--head", "prototype",
-                                  "--head_norm", "ln", "--clip_grad_norm", "1.0"))
-    rows = read_log(out)
+LWCLR = (*VIT, "--method", "lwclr", "--head", "prototype", "--head_norm", "ln", "--clip_grad_norm", "1.0",
+         "--save_every", "1")
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    """lwclr with the prototype's head, 2 ranks (torchrun), 2 epochs, a checkpoint after each epoch."""
+    out = str(tmp_path_factory.mktemp("ifaclr") / "lwclr")
+    launch("ifaclr.py", tiny_args(image_folder, out, *LWCLR))
+    return out
+
+
+@pytest.mark.e2e
+def test_two_rank_lwclr_run_logs_layer_similarity_and_per_layer_knn(run, keep_group, capsys):
+    rows = read_log(run)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["loss"]) and -1 <= r["layer_cos"] <= 1 for r in rows) and "knn_top1" in rows[-1]
-    assert any(k.startswith("layer_norm.") for k in load_ckpt(out)["model"])
-    knn = launch("eval/knn.py", ["--checkpoint", os.path.join(out, "last.pt"), "--layer", "all", "--k", "5",
-                                 "--num_workers", "0"], nproc=0)
-    assert len([line for line in knn.stdout.splitlines() if line.strip()[:1].isdigit()]) == 2  # one row per block
+    assert any(k.startswith("layer_norm.") for k in load_ckpt(run)["model"])
+    from eval import knn
+    knn.main(["--checkpoint", os.path.join(run, "last.pt"), "--layer", "all", "--k", "5", "--num_workers", "0"])
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2  # one row per block
 
 
-def test_simclr_points_old_ifaclr_command_lines_to_ifaclr_py(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["simclr.py", "--method", "lwclr"])
-    with pytest.raises(config.ConfigError, match="python ifaclr.py with the same flags"):
-        simclr.main()
+@pytest.mark.e2e
+def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
+    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same model, optimizer and
+    scaler state."""
+    resumed = str(tmp_path / "resumed")
+    copy_epoch_1(run, resumed)
+    out = gloo_pool.run(run_script, "ifaclr", tiny_args(image_folder, resumed, *LWCLR, "--eval_every", "0"))[0]
+    assert "resumed from" in out and "at epoch 1" in out
+    a, b = load_ckpt(run), load_ckpt(resumed)
+    for key in ("model", "optimizer", "scaler"):
+        assert_same_tensors(a[key], b[key], key)

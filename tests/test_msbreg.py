@@ -1,18 +1,15 @@
 """msbreg.py: each loss term against a loop reference in float64 (value and gradient), Eq. 7 and the pairwise form
-of Eq. 3, the Brownian noise, singular_value_loss on 2 gloo ranks vs one process, and a 2-rank K = 4 torchrun run
-resumed bit-exactly."""
+of Eq. 3, the Brownian noise, singular_value_loss on 2 gloo ranks (the pool) vs one process, and a 2-rank K = 4
+torchrun run (smoke, log) resumed bit-exactly on the pool."""
 import os
-import shutil
 import sys
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from common import config, dist
-from conftest import assert_same_tensors, launch, load_ckpt, read_log, tiny_args
+from helpers import ROOT, assert_same_tensors, copy_epoch_1, launch, load_ckpt, read_log, run_script, tiny_args
 from msbreg import (brownian_loss, brownian_noise, centroid_loss, cross_view_loss, ema_update, msbreg_loss,
                     singular_value_loss)
 
@@ -187,23 +184,22 @@ def make_batch_and_model():
     return x, nn.Linear(D_IN, D).double()
 
 
-def _worker(rank, tmp):
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+def _two_rank_step():
+    """On each pool rank: its half of the batch through DDP, L_s over the global batch, backward."""
+    ctx = dist.setup("cpu")
     x, model = make_batch_and_model()
-    model_ddp = dist.ddp(model, dist.Context(rank, rank, 2, torch.device("cpu")))
-    loss = singular_value_loss(model_ddp(x[:, rank * N // 2:(rank + 1) * N // 2]))  # (K, N/2, D) per rank
+    model_ddp = dist.ddp(model, ctx)
+    loss = singular_value_loss(model_ddp(x[:, ctx.rank * N // 2:(ctx.rank + 1) * N // 2]))  # (K, N/2, D) per rank
     loss.backward()
-    torch.save({"grad": [p.grad for p in model.parameters()], "loss": loss.detach()}, f"{tmp}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    return {"grad": [p.grad for p in model.parameters()], "loss": loss.detach()}
 
 
-def test_singular_value_loss_two_ranks_equal_one_process(process_group, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+def test_singular_value_loss_two_ranks_equal_one_process(process_group, gloo_pool):
+    outs = gloo_pool.run(_two_rank_step)
     x, model = make_batch_and_model()
     full = singular_value_loss(model(x))  # one process, the whole batch
     full.backward()
-    for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for out in outs:
         torch.testing.assert_close(out["loss"], full.detach(), rtol=0, atol=1e-9)  # every rank: the global L_s
         for ours, ref in zip(out["grad"], model.parameters()):
             torch.testing.assert_close(ours, ref.grad, rtol=0, atol=1e-9)
@@ -227,27 +223,41 @@ def test_bad_input_is_one_clear_line(process_group, image_folder, tmp_path, monk
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_two_ranks_k4_smoke_and_bit_exact_resume(image_folder, tmp_path):
-    """2-rank torchrun run with K = 4 views (2 epochs), then its epoch-1 checkpoint relaunched for the 2nd epoch."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    launch("msbreg.py", tiny_args(image_folder, straight, "--num_views", "4", "--save_every", "1"))
-    rows = read_log(straight)
+K4 = ("--num_views", "4", "--save_every", "1")
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    """2 ranks (torchrun), K = 4 views, 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
+    out = str(tmp_path_factory.mktemp("msbreg") / "straight")
+    launch("msbreg.py", tiny_args(image_folder, out, *K4))
+    return out
+
+
+@pytest.mark.e2e
+def test_two_ranks_k4_smoke_and_log(run):
+    rows = read_log(run)
     assert [r["epoch"] for r in rows] == [0, 1] and "knn_top1_k5" in rows[-1]
     for r in rows:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "loss_c", "loss_s", "loss_b"))
         # unit vectors: mean per-dim std <= sqrt(n / (n - 1) / D), n = 4 images per rank, D = proj_dim 32
         assert 0 < r["embed_std"] <= (4 / 3 / 32) ** 0.5
-    blob = load_ckpt(straight)
+    blob = load_ckpt(run)
     assert blob["epoch"] == 2 and blob["step"] == 4 and blob["config"]["num_views"] == 4
     assert set(blob["teacher"]) == {k for k in blob["model"] if not k.startswith("predictor.")}
     assert not torch.equal(blob["teacher"]["backbone.conv1.weight"], blob["model"]["backbone.conv1.weight"])
-    os.makedirs(resumed)
-    shutil.copy(os.path.join(straight, "epoch_0001.pt"), os.path.join(resumed, "last.pt"))
-    run = launch("msbreg.py", tiny_args(image_folder, resumed, "--num_views", "4", "--eval_every", "0"))
-    assert "at epoch 1" in run.stdout
-    b = load_ckpt(resumed)
+
+
+@pytest.mark.e2e
+def test_k4_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
+    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool) for the 2nd epoch."""
+    resumed = str(tmp_path / "resumed")
+    copy_epoch_1(run, resumed)
+    out = gloo_pool.run(run_script, "msbreg", tiny_args(image_folder, resumed, *K4, "--eval_every", "0"))[0]
+    assert "at epoch 1" in out
+    a, b = load_ckpt(run), load_ckpt(resumed)
     for name in ("model", "teacher", "optimizer"):
-        assert_same_tensors(blob[name], b[name], name)
+        assert_same_tensors(a[name], b[name], name)
 
 
 def test_k2_config_is_byol(process_group):
@@ -256,8 +266,7 @@ def test_k2_config_is_byol(process_group):
     (2 - 2 cos(p2, sg z1)), in value and gradient: no cos(p1, z1) or cos(p2, z2) term, and not half of it."""
     import byol
     import msbreg
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "msbreg",
-                        "imagenet100_resnet18_k2.yaml")
+    path = os.path.join(ROOT, "configs", "msbreg", "imagenet100_resnet18_k2.yaml")
     cfg = config.parse(msbreg.Config, ["--config", path, "--lambda_s", "0", "--lambda_b", "0"])
     assert cfg.num_views == 2
     p, z, n = (t[:2] for t in make_inputs(5))

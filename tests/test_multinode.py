@@ -19,11 +19,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, _env, assert_same_tensors, load_ckpt, read_log, tiny_args
+from helpers import ROOT, assert_same_tensors, env, load_ckpt, read_log, tiny_args
 
 pytestmark = pytest.mark.slow  # about 3 torchrun launches (5 processes): a minute or two on 2 busy cores
 
-SCRIPT = os.path.join(ROOT, "simclr.py")  # the cheapest script: ResNet-18 of tests/tiny.yaml, no teacher
+SCRIPT = os.path.join(ROOT, "simclr.py")  # the cheapest script: resnet8 of tests/tiny.yaml, no teacher
 EXTRA = ["--epochs", "1", "--eval_every", "0"]  # 2 steps at global batch 8 (4 per rank): one optimizer state too
 
 
@@ -40,7 +40,7 @@ def torchrun(*flags):
 def run_nodes(commands, timeout=600):
     """Start every command at once (one per node), wait for all; on a failure or a timeout, stop the rest and show
     each node's output."""
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in commands]
     outputs = []
     try:

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, _env
+import pytest
+import torch
+
+from helpers import ROOT, env
 
 # Each entry: the import, then an expression of fixed inputs (seeded) whose value is printed.
 CASES = {
@@ -33,18 +36,20 @@ print(json.dumps(out))
 """
 
 
-def run(setup=""):
-    code = setup + PROGRAM.format(root=ROOT, cases=CASES)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+def in_a_fresh_interpreter():
+    out = subprocess.run([sys.executable, "-c", PROGRAM.format(root=ROOT, cases=CASES)], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_losses_without_a_process_group_equal_world_size_one():
-    plain = run()  # never initialises a process group
-    grouped = run("import torch.distributed as d\n"
-                  "d.init_process_group('gloo', store=d.HashStore(), rank=0, world_size=1)\n")
+@pytest.mark.e2e
+def test_losses_without_a_process_group_equal_world_size_one(process_group, capsys):
+    plain = in_a_fresh_interpreter()  # never initialises a process group
+    rng = torch.get_rng_state()
+    exec(PROGRAM.format(root=ROOT, cases=CASES), {"__name__": "grouped"})  # this process: a 1-process group
+    torch.set_rng_state(rng)
+    grouped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not plain.pop("group") and grouped.pop("group")
     assert plain.keys() == CASES.keys()
     for name in CASES:

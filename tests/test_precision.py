@@ -9,7 +9,7 @@ import sdssl
 import simclr
 import simsiam_gsg
 from common import config, dist, models
-from conftest import launch, load_ckpt, tiny_args
+from helpers import launch, load_ckpt, tiny_args
 
 
 def forward(model, x, dtype):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from common import config
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import claims  # noqa: E402  (scripts/claims.py: which script runs each configs/claims/*.yaml)
@@ -161,6 +161,7 @@ RECIPES = {
     "sdssl/fashion_mnist_cpu": byol_pair(0.2), "sdssl/fashion_mnist_cpu_plain": byol_pair(0.2),
     # the claims table's SSL protocols: the Fashion-MNIST recipes of their scripts
     "claims/c1_simsiam_stop_grad": mocov2(0.2, False), "claims/c4_gsg": mocov2(0.2, False),
+    "claims/c1b_simsiam_stop_grad_600_steps": mocov2(0.2, False),
     "claims/c2_simclr_head": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
     "claims/c7_ifaclr": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
     "claims/c3_sdssl_mocov3": byol_pair(0.2), "claims/c5_msbreg": [dict(MSBREG[0], crop_scale=(0.2, 1.0))],
@@ -201,3 +202,253 @@ def test_jitter_orders_are_uniform_over_the_24_permutations():
     lo, hi = factors.min(0).values, factors.max(0).values
     assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.6, -0.1]), atol=1e-3)
     assert torch.allclose(hi, torch.tensor([1.4, 1.4, 1.4, 0.1]), atol=1e-3)
+
+
+# ----- Config defaults: `python <script>.py` with no config trains on the dataclass -----
+# The tables above pin the YAMLs; these pin the defaults, field by field. Every Config field is in
+# exactly one place: PLUMBING (no paper gives it), PAPER_DEFAULTS (value, source) or NOT_THE_PAPERS
+# (value, why it deliberately differs). A new field, or a changed default, fails here until the
+# table says where its value comes from.
+
+PLUMBING = {  # where the data and outputs are, how fast and how often: no paper constant
+    "data_dir", "download", "aug_device", "output_dir", "seed", "device", "num_workers",
+    "max_steps_per_epoch", "eval_every", "knn_bank", "log_every", "save_every", "config", "resume",
+    "compile", "class_list", "teacher_ckpt", "train_subset",
+    "image_size",  # 0 = the dataset's native size (32 CIFAR, 96 STL-10, 224 ImageNet)
+}
+BF16 = ("bf16", "bf16 autocast on CUDA, for speed (the docstring's deviation; --amp none = fp32)")
+ARCH_HEADS = (0, "0 = the arch's heads (vit_small: 12); the ViT configs set the paper's")
+VIT_STEM = {  # the ViT fields of the scripts whose default backbone is a ResNet: MoCo v3's / SDSSL's
+    "patch_size": (16, "SDSSL's ViT-S/16 baseline (Table 1), MoCo v3's patch"),
+    "freeze_patch_embed": (True, "MoCo v3 Sec. 4.2 --stop-grad-conv1, kept by SDSSL Sec. 4.1")}
+
+PAPER_DEFAULTS = {
+    "simclr": {  # CIFAR-10 ResNet-18: SimCLR App. B.9, google-research/simclr README CIFAR-10 command
+        "dataset": ("cifar10", "README: --dataset=cifar10"),
+        "crop_min": (0.08, "App. A: random crop of 0.08-1 of the area"),
+        "color_strength": (0.5, "README: --color_jitter_strength=0.5 (App. B.9)"),
+        "blur": (False, "README: --use_blur=False (App. B.9: no blur on CIFAR-10)"),
+        "aug": ("simclr", "Sec. 3 / App. A: the same recipe for both views"),
+        "arch": ("resnet18", "README: --resnet_depth=18, CIFAR stem (App. B.9)"),
+        "zero_init_residual": (True, "TF resnet.py: batch_norm_relu(init_zero=True)"),
+        "proj_hidden_dim": (512, "TF code: the head's hidden width is the backbone's (R18: 512)"),
+        "proj_dim": (128, "run.py --proj_out_dim 128 (App. B.4)"),
+        "proj_layers": (2, "Sec. 2.1: an MLP with one hidden layer"),
+        "sync_bn": (True, "Sec. 2.2: global BN"),
+        "temperature": (0.5, "README: --temperature=0.5 (App. B.9)"),
+        "sum_directions": (True, "TF objective.py: loss_a + loss_b"),
+        "optimizer": ("lars", "Sec. 2.2: LARS"),
+        "lr": (1.0, "README: --learning_rate=1.0, linear scaling (x B/256)"),
+        "weight_decay": (1e-4, "README (since SimCLRv2): --weight_decay=1e-4; the first: 1e-6"),
+        "exclude_bias_norm": (True, "TF LARS: exclude_from_weight_decay batch_normalization, bias"),
+        "warmup_epochs": (10, "run.py --warmup_epochs 10 (Sec. B.1)"),
+        "epochs": (1000, "README: --train_epochs=1000"),
+        "batch_size": (512, "README: --train_batch_size=512"),
+        **VIT_STEM,
+    },
+    "mocov3": {  # ViT-S/16, 1 node: moco-v3 CONFIG.md, main_moco.py, builder.py
+        "dataset": ("imagenet", "CONFIG.md"), "arch": ("vit_small", "CONFIG.md: vit_small"),
+        "crop_min": (0.08, "main_moco.py --crop-min 0.08 (ViT)"),
+        "blur": (True, "main_moco.py: BYOL's asymmetric blur 1.0 / 0.1"),
+        "patch_size": (16, "vits.py vit_small: patch 16"),
+        "freeze_patch_embed": (True, "CONFIG.md --stop-grad-conv1 (Sec. 4.2)"),
+        "zero_init_residual": (True, "main_moco.py: resnet50(zero_init_residual=True)"),
+        "proj_hidden_dim": (4096, "--mlp-dim 4096"), "proj_dim": (256, "--moco-dim 256"),
+        "pred_hidden_dim": (4096, "--mlp-dim 4096 (builder.py predictor)"),
+        "sync_bn": (True, "main_moco.py: SyncBatchNorm"),
+        "temperature": (0.2, "CONFIG.md ViT: --moco-t=.2"),
+        "base_momentum": (0.99, "main_moco.py --moco-m 0.99, --moco-m-cos"),
+        "optimizer": ("adamw", "CONFIG.md ViT: --optimizer=adamw"),
+        "lr": (1.5e-4, "CONFIG.md ViT: --lr=1.5e-4"),
+        "weight_decay": (0.1, "CONFIG.md ViT: --weight-decay=.1"),
+        "exclude_bias_norm": (False, "main_moco.py: AdamW over model.parameters()"),
+        "warmup_epochs": (40, "CONFIG.md ViT: --warmup-epochs=40"),
+        "epochs": (300, "CONFIG.md ViT: --epochs=300"),
+        "batch_size": (1024, "CONFIG.md ViT-S 1-node: -b 1024"),
+        "lars_eta": (0.001, "optimizer.py LARS trust_coefficient 0.001"),
+        "lars_clip": (False, "optimizer.py LARS: no clipping"),
+        "num_heads": (0, "0 = vit_small's 12 heads, MoCo v3's vits.py (checked below)"),
+    },
+    "byol": {  # ImageNet ResNet-50: BYOL Sec. 3.3, App. B, Table 6; networks.py
+        "dataset": ("imagenet", "Sec. 3.3"), "arch": ("resnet50", "Sec. 3.3"),
+        "crop_min": (0.08, "Table 6: random crop 0.08-1"), "blur": (True, "Table 6: p 1.0 / 0.1"),
+        "zero_init_residual": (True, "networks.py (haiku BlockV1): the last BN's scale at 0"),
+        "proj_hidden_dim": (4096, "Sec. 3.3: 4096"), "proj_dim": (256, "Sec. 3.3: 256"),
+        "pred_hidden_dim": (4096, "Sec. 3.3: the predictor as the projector"),
+        "last_bias": (False, "networks.py: hk.Linear(output_size, with_bias=False)"),
+        "sync_bn": (True, "App. B: BN over the global batch"),
+        "base_momentum": (0.996, "Sec. 3.3: tau_base = 0.996"),
+        "optimizer": ("lars", "Sec. 3.3: LARS"),
+        "lr": (0.2, "Sec. 3.3: 0.2 x BatchSize / 256"),
+        "weight_decay": (1.5e-6, "Sec. 3.3: 1.5e-6"),
+        "exclude_bias_norm": (True, "Sec. 3.3: biases and BN excluded from wd and LARS"),
+        "warmup_epochs": (10, "Sec. 3.3: 10 warmup epochs"), "epochs": (1000, "Sec. 3.3"),
+        "batch_size": (4096, "Sec. 3.3: 4096"),
+        "lars_eta": (0.001, "LARS (You et al.) trust coefficient 1e-3, as BYOL's code"),
+        "lars_clip": (False, "BYOL's LARS: no clipping"),
+        **VIT_STEM,
+    },
+    "simsiam_gsg": {  # ImageNet R50 SimSiam-GSG: GSG App. B.1, C.1, main_pretrain.py; SimSiam
+        "dataset": ("imagenet", "App. B.1"), "arch": ("resnet50", "App. C.1"),
+        "crop_min": (0.2, "App. B.1: MoCo v2's crop 0.2-1"), "blur": (True, "App. B.1: p 0.5"),
+        "base": ("simsiam", "main_pretrain.py --model simsiam_gsg"),
+        "gsg": (True, "Alg. 1 (README: --model simsiam_gsg)"),
+        "stop_grad": (True, "SimSiam Alg. 1: stop-gradient on z"),
+        "ema_momentum": (0.99, "gsg/builder.py BYOL: m = 0.99, constant"),
+        "zero_init_residual": (True, "main_simsiam.py: zero_init_residual=True"),
+        "proj_hidden_dim": (2048, "App. C.1: 2048"), "proj_dim": (2048, "App. C.1: 2048"),
+        "proj_layers": (3, "App. C.1: three FC layers"),
+        "pred_hidden_dim": (512, "App. C.1: 2048 -> 512 -> 2048"),
+        "sync_bn": (True, "main_simsiam.py: SyncBatchNorm"),
+        "lr": (0.05, "SimSiam Sec. 4: 0.05 x B / 256"), "momentum": (0.9, "SimSiam: SGD 0.9"),
+        "weight_decay": (1e-4, "SimSiam: 1e-4"),
+        "exclude_bias_norm": (False, "main_simsiam.py: wd on every parameter"),
+        "fix_pred_lr": (True, "GSG / SimSiam README: --fix-pred-lr"),
+        "warmup_epochs": (0, "SimSiam: no warmup"), "epochs": (100, "main_pretrain.py: 100"),
+        "batch_size": (512, "main_pretrain.py: -b 512"),
+        "amp": ("none", "the authors' fp32"),
+    },
+    "sdssl": {  # SD-MoCo v3 ViT-S/16: SDSSL Sec. 4.1, Table 1, hagiss/SDSSL SD_moco.json
+        "framework": ("mocov3", "Table 1: SD-MoCo v3"),
+        "alpha_max": (1.0, "Sec. 4.1: alpha cosine 0 ~ 1.0; SD_moco.json ratio 1"),
+        "alpha_schedule": ("cosine", "Sec. 4.1: cosine scheduling of alpha"),
+        "beta": (1.0, "Eq. 6"), "pred_loss": (True, "Eq. 5-6: L_pred"),
+        "isd_every": (1, "Sec. 3: a head on every block"),
+        "isd_head": ("mlp3", "NetWrapper: 3-layer intermediate projectors"),
+        "temperature": (0.2, "MoCo v3's tau, hard-coded 0.2 in the authors' code"),
+        "base_momentum": (0.996, "SD_moco.json momentum_teacher 0.996"),
+        "dataset": ("imagenet", "Table 1"), "crop_min": (0.08, "MoCo v3's 0.08"),
+        "arch": ("vit_small", "Table 1: ViT-S/16"), "patch_size": (16, "Table 1: S/16"),
+        "freeze_patch_embed": (True, "Sec. 4.1: MoCo v3's frozen patch projection"),
+        "zero_init_residual": (True, "Table 7's ResNet-50: MoCo v3's zero_init_residual"),
+        "proj_hidden_dim": (4096, "SD_moco.json mlp_hidden 4096"),
+        "isd_hidden_dim": (2048, "NetWrapper: 2048 for blocks 1-11"),
+        "proj_dim": (256, "SD_moco.json out_dim 256"),
+        "pred_hidden_dim": (4096, "SD_moco.json mlp_hidden 4096"),
+        "sync_bn": (True, "MoCo v3's SyncBN"),
+        "optimizer": ("adamw", "Sec. 4.1: AdamW"),
+        "lr": (1.5e-4, "Sec. 4.1: 1.5e-4 (MoCo v3, BYOL)"),
+        "weight_decay": (0.1, "Sec. 4.1: 0.1"),
+        "exclude_bias_norm": (True, "the authors' utils.get_params_groups"),
+        "warmup_epochs": (40, "Sec. 4.1: 40"), "epochs": (300, "Table 1: 300"),
+        "batch_size": (1024, "Sec. 4.1: 1024 for ViT-S/16"),
+    },
+    "msbreg": {  # STL-10, ResNet-18, K = 4: MSBReg Table 1, Sec. 7.1-7.2, Table 11
+        "dataset": ("stl10", "Table 1"), "num_views": (4, "Table 1: K = 4"),
+        "arch": ("resnet18", "Sec. 7.2"), "proj_hidden_dim": (512, "Sec. 7.2: 512"),
+        "proj_dim": (128, "Sec. 7.2: 128"), "head_norm": ("bn", "Sec. 7.2: BN"),
+        "sync_bn": (True, "BN over the global batch (BYOL's)"),
+        "centroid": ("all", "Eq. 3 as written"),
+        "lambda_s": (4e-3, "Sec. 4.5 / Table 11: lambda_w = 4e-3"),
+        "lambda_b": (0.5, "Sec. 4.5 / Table 11: lambda_b = 0.5"),
+        "lr": (0.5, "Sec. 7.1: base lr 0.5 for STL-10"), "weight_decay": (1e-5, "Sec. 7.1"),
+        "warmup_epochs": (10, "Sec. 7.1: 10"), "epochs": (320, "Sec. 7.1: 320"),
+        "batch_size": (512, "Sec. 7.1: 512"),
+        # not given by the paper: BYOL's values (the YAML header, METHODS.md section 7)
+        "crop_min": (0.08, "not given: BYOL's 0.08"),
+        "zero_init_residual": (True, "not given: BYOL's init"),
+        "target_decay": (0.996, "not given: BYOL's tau_base 0.996"),
+    },
+    "ifaclr": {  # the prototype, arkel23/layerwiseclr at c42438b (lit_*.py, heads.py, loaders.py)
+        "method": ("lwclr", "the slides' appendix A: lwclr"),
+        "layers": (2, "--cont_layers_range 2"),
+        "detach_layers": (True, "lwclr: MultiScaleToSingleScaleHead(detach=True)"),
+        "temperature": (0.5, "--temperature 0.5"),
+        "crop_min": (0.08, "SimCLR's crop 0.08-1"),
+        "color_strength": (1.0, "jitter 0.8, 0.8, 0.8, 0.2: SimCLR's s = 1"),
+        "blur": (True, "blur p 0.5"), "patch_size": (16, "B_16: patch 16"),
+        "freeze_patch_embed": (False, "the prototype trains the patch projection"),
+        "head": ("prototype", "heads.py ProjectionMLPHead"),
+        "head_norm": ("ln", "heads.py: LayerNorm (--bn_proj off)"),
+        "proj_layers": (3, "--no_proj_layers 3"), "proj_hidden_dim": (2048, "2048"),
+        "proj_dim": (2048, "--projector_output_size 2048"),
+        "optimizer": ("sgd", "--optimizer momentum: SGD 0.9"),
+        "lr": (1.2e-3, "--learning_rate 3e-4 at batch 64 = 1.2e-3 per 256"),
+        "weight_decay": (0.0, "--weight_decay 0"), "batch_size": (64, "--batch_size 64"),
+        "exclude_bias_norm": (False, "SGD over self.parameters()"),
+        "clip_grad_norm": (1.0, "gradient_clip_val=1.0"),
+        "amp": ("none", "precision=32"),
+    },
+    "ifacd_distill": {  # S000 "Experiments"; the IFACD fork 62a53e7; RepDistiller (METHODS.md 8-9)
+        "dataset": ("cifar100", "S000: CIFAR-100"), "distill": ("ifacd", "S000"),
+        "student": ("wrn_16_2", "S000 column 1: wrn_40_2 -> wrn_16_2"),
+        "teacher": ("wrn_40_2", "S000 column 1"),
+        "alpha": (1.0, "S000: alpha = 1"), "beta": (1.0, "S000: beta = 1"),
+        "kd_temperature": (4.0, "RepDistiller --kd_T 4"),
+        "nce_temperature": (0.07, "the fork's nce_t 0.07"),
+        "feat_dim": (128, "RepDistiller / the fork: feat_dim 128"),
+        "ifacd_layers": (2, "the fork: cont_no_l 2 (ifacd2)"),
+        "crd_negatives": (16384, "RepDistiller nce_k 16384"),
+        "crd_momentum": (0.5, "RepDistiller nce_m 0.5"),
+        "crd_mode": ("exact", "RepDistiller --mode exact"),
+        "init_epochs": (30, "RepDistiller helper/pretrain.py: 30 epochs"),
+        "hint_layer": (2, "RepDistiller --hint_layer 2"),
+        "sync_bn": (False, "one GPU"),
+        "lr": (0.05, "S000: LR 0.05"), "momentum": (0.9, "SGD 0.9"),
+        "nesterov": (True, "the fork: timm's SGD, Nesterov"),
+        "weight_decay": (5e-4, "S000: WD 5e-4"),
+        "exclude_bias_norm": (True, "the fork: timm excludes biases and BN"),
+        "lr_milestones": ([150, 180, 210], "S000: step LR (150, 180, 210)"),
+        "lr_decay": (0.1, "RepDistiller lr_decay_rate 0.1"),
+        "epochs": (240, "S000: 240 epochs"), "batch_size": (64, "RepDistiller / the fork: 64"),
+        "amp": ("none", "fp32"),
+    },
+}
+NOT_THE_PAPERS = {  # field: (default, why the default is deliberately not the paper's value)
+    "simclr": {"amp": BF16, "num_heads": ARCH_HEADS},
+    "mocov3": {"amp": BF16},  # the official code: fp16 with a GradScaler
+    "byol": {"amp": BF16, "num_heads": ARCH_HEADS},
+    "simsiam_gsg": {
+        "knn_temperature": (0.07, "the training monitor's (DINO's, as every script); GSG's own "
+                                  "k-NN protocol (T 0.2) is configs/eval/knn_gsg.yaml"),
+    },
+    "sdssl": {
+        "amp": (BF16[0], "bf16 autocast for speed; the authors' fp32 (use_fp16 false): --amp none"),
+        "num_heads": (0, "0 = the arch's heads (vit_small 12, vit_base 12), one default for every "
+                         "arch; the authors' ViT-S has 6, which every SDSSL ViT-S config sets "
+                         "(test_vit_small_head_count): `python sdssl.py` alone trains 12 heads"),
+    },
+    "msbreg": {"amp": (BF16[0], "bf16 autocast for speed; the paper does not give a precision")},
+    "ifaclr": {
+        "dataset": ("imagenet", "the prototype's parser says cifar10 (at 224 px); the defaults are "
+                                "the ImageNet run of configs/ifaclr/imagenet_vit_small.yaml"),
+        "arch": ("vit_small", "the prototype trains pytorch_pretrained_vit's B_16; ViT-S here "
+                              "(the YAML headers)"),
+        "num_heads": (0, "vit_small's 12 (MoCo v3's); the prototype's B_16 has 12"),
+        "warmup_epochs": (1, "whole epochs for the prototype's 1000 warmup steps (docstring)"),
+        "epochs": (100, "the prototype documents no run length"),
+        "sync_bn": (True, "no prototype value (its heads have LayerNorm): BN heads (--head_norm "
+                          "bn) normalise over the global batch, as in the other scripts"),
+    },
+    "ifacd_distill": {
+        "gamma": (0.8, "S000 gives no gamma; RepDistiller's CRD weight (-b 0.8), as for ifacd"),
+    },
+}
+
+
+def dataclass_defaults(name):
+    module = importlib.import_module(name)
+    return config.parse(module.Config, [])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_DEFAULTS))
+def test_every_config_field_is_classified(name):
+    fields = set(vars(dataclass_defaults(name)))
+    paper, deviation = set(PAPER_DEFAULTS[name]), set(NOT_THE_PAPERS[name])
+    assert not paper & deviation and not (paper | deviation) & PLUMBING
+    assert fields - PLUMBING == paper | deviation, "classify every Config field in one table"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_DEFAULTS))
+def test_config_defaults_are_the_paper_constants(name):
+    cfg = dataclass_defaults(name)
+    wrong = {field: (getattr(cfg, field), value, source)
+             for field, (value, source) in {**PAPER_DEFAULTS[name], **NOT_THE_PAPERS[name]}.items()
+             if getattr(cfg, field) != value or type(getattr(cfg, field)) is not type(value)}
+    assert not wrong, f"{name}: field: (default, expected, source) {wrong}"
+
+
+def test_vit_small_default_heads_are_moco_v3s():
+    """num_heads 0 resolves to the arch's heads: vit_small 12 (MoCo v3's vits.py; DeiT-S has 6)."""
+    from common import models
+    assert models.BACKBONES["vit_small"]["num_heads"] == 12

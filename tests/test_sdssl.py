@@ -1,5 +1,6 @@
 """sdssl.py: the three L_ssl forms with num_layers, the batched heads, the schedules, the stop-gradients, and the
-three frameworks end to end under torchrun (plus per-layer k-NN on the checkpoint)."""
+three frameworks on 2 ranks: SD-MoCo v3 under torchrun (smoke, log, per-layer k-NN on its checkpoint) resumed
+bit-exactly on the gloo pool, SD-BYOL and SD-SimCLR on the pool."""
 import math
 import os
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 import sdssl
 from common import config, models, schedules
-from conftest import launch, load_ckpt, read_log, tiny_args
+from helpers import assert_same_tensors, copy_epoch_1, launch, load_ckpt, read_log, run_script, tiny_args
 
 TINY_HEADS = ["--arch", "vit_debug", "--patch_size", "8", "--proj_hidden_dim", "64", "--isd_hidden_dim", "32",
               "--pred_hidden_dim", "64", "--proj_dim", "32", "--num_heads", "2"]
@@ -150,21 +151,52 @@ def test_pred_loss_updates_only_the_predictors(process_group):
 
 # ----- end to end -----
 
-@pytest.mark.parametrize("framework", ["mocov3", "byol", "simclr"])
-def test_two_rank_smoke_run(image_folder, tmp_path, framework):
-    out = str(tmp_path / framework)
-    launch("sdssl.py", tiny_args(image_folder, out, "--framework", framework, *TINY_HEADS))
+def check_two_rank_run(out, framework):
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     assert "isd" in rows[-1] and ("pred" in rows[-1]) == (framework != "simclr") and "knn_top1" in rows[-1]
     blob = load_ckpt(out)
     assert ("teacher" in blob) == (framework != "simclr")
     assert any(k.startswith("isd_projector.") for k in blob["model"])
-    if framework == "mocov3":  # per-layer k-NN on the checkpoint: one row per block
-        knn = launch("eval/knn.py", ["--checkpoint", os.path.join(out, "last.pt"), "--layer", "all", "--k", "5",
-                                     "--num_workers", "0"], nproc=0)
-        lines = [l for l in knn.stdout.splitlines() if l.strip()[:1].isdigit()]
-        assert len(lines) == 2  # vit_debug has 2 blocks
+
+
+@pytest.mark.parametrize("framework", ["byol", "simclr"])
+def test_two_rank_run_on_the_pool(image_folder, gloo_pool, tmp_path, framework):
+    out = str(tmp_path / framework)
+    gloo_pool.run(run_script, "sdssl", tiny_args(image_folder, out, "--framework", framework, *TINY_HEADS))
+    check_two_rank_run(out, framework)
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    """SD-MoCo v3 (vit_debug), 2 ranks (torchrun), 2 epochs, k-NN every epoch, a checkpoint after each epoch."""
+    out = str(tmp_path_factory.mktemp("sdssl") / "mocov3")
+    launch("sdssl.py", tiny_args(image_folder, out, "--framework", "mocov3", *TINY_HEADS, "--save_every", "1"))
+    return out
+
+
+@pytest.mark.e2e
+def test_two_rank_torchrun_smoke_and_per_layer_knn(run, keep_group, capsys):
+    check_two_rank_run(run, "mocov3")
+    from eval import knn  # per-layer k-NN on the checkpoint: one row per block
+    knn.main(["--checkpoint", os.path.join(run, "last.pt"), "--layer", "all", "--k", "5", "--num_workers", "0"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 2  # vit_debug has 2 blocks
+
+
+@pytest.mark.e2e
+def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
+    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same student, teacher,
+    optimizer and scaler state."""
+    resumed = str(tmp_path / "resumed")
+    copy_epoch_1(run, resumed)
+    out = gloo_pool.run(run_script, "sdssl", tiny_args(image_folder, resumed, "--framework", "mocov3", *TINY_HEADS,
+                                                        "--save_every", "1", "--eval_every", "0"))[0]
+    assert "resumed from" in out and "at epoch 1" in out
+    a, b = load_ckpt(run), load_ckpt(resumed)
+    for key in ("model", "teacher", "optimizer", "scaler"):
+        assert_same_tensors(a[key], b[key], key)
+    assert read_log(resumed)[0]["epoch"] == 1
 
 
 def test_isd_head_none_needs_a_predictor():

@@ -1,8 +1,7 @@
 """simsiam_gsg.py: the GSG loss against the appendix's per-sample loop (ties included), the SimSiam loss,
-stop-gradient, the per-rank partner shuffle, heads / optimizer groups / EMA, and 2-rank torchrun runs (SimSiam-GSG,
-BYOL-GSG with a bit-exact resume)."""
+stop-gradient, the per-rank partner shuffle, heads / optimizer groups / EMA, a 2-rank SimSiam-GSG run on the gloo
+pool, and one 2-rank torchrun run of BYOL-GSG (smoke, log) resumed bit-exactly on the pool."""
 import os
-import shutil
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 import simsiam_gsg
 from common import config, optim
 from common.config import ConfigError
-from conftest import assert_same_tensors, launch, load_ckpt, read_log, tiny_args
+from helpers import assert_same_tensors, copy_epoch_1, launch, load_ckpt, read_log, run_script, tiny_args
 from simsiam_gsg import Config, build_model, ema_update, gsg_loss, param_groups, partner_views, simsiam_loss
 
 NAMES = ("p11", "p12", "p21", "p22")
@@ -206,9 +205,10 @@ def test_heads_param_groups_and_ema():
         torch.testing.assert_close(t, 0.99 * b + 0.01 * o)
 
 
-def test_two_ranks_simsiam_gsg(image_folder, tmp_path):
+def test_two_ranks_simsiam_gsg(image_folder, gloo_pool, tmp_path):
+    """SimSiam-GSG (4 views, online targets) for 2 epochs on 2 ranks (the gloo pool)."""
     out = str(tmp_path / "simsiam")
-    launch("simsiam_gsg.py", tiny_args(image_folder, out, "--base", "simsiam", "--gsg", "true"))
+    gloo_pool.run(run_script, "simsiam_gsg", tiny_args(image_folder, out, "--base", "simsiam", "--gsg", "true"))
     rows = read_log(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and -1.0 <= r["loss"] <= 1.0 for r in rows)
@@ -218,22 +218,37 @@ def test_two_ranks_simsiam_gsg(image_folder, tmp_path):
     assert os.path.exists(os.path.join(out, "backbone.pt"))
 
 
-def test_two_ranks_byol_gsg_and_bit_exact_resume(image_folder, tmp_path):
-    """BYOL-GSG for 2 epochs straight vs. its epoch-1 checkpoint relaunched: identical online, target, optimizer."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    launch("simsiam_gsg.py", tiny_args(image_folder, straight, "--base", "byol", "--gsg", "true", "--save_every", "1"))
-    rows = read_log(straight)
+BYOL_GSG = ("--base", "byol", "--gsg", "true", "--save_every", "1")
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    """BYOL-GSG, 2 ranks (torchrun), 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
+    out = str(tmp_path_factory.mktemp("byol_gsg") / "straight")
+    launch("simsiam_gsg.py", tiny_args(image_folder, out, *BYOL_GSG))
+    return out
+
+
+@pytest.mark.e2e
+def test_two_ranks_byol_gsg_smoke_and_log(run):
+    rows = read_log(run)
     assert [r["epoch"] for r in rows] == [0, 1] and "knn_top1_k200" in rows[-1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    os.makedirs(resumed)
-    shutil.copy(os.path.join(straight, "epoch_0001.pt"), os.path.join(resumed, "last.pt"))
-    run = launch("simsiam_gsg.py", tiny_args(image_folder, resumed, "--base", "byol", "--gsg", "true",
-                                             "--eval_every", "0"))
-    assert "resumed from" in run.stdout and "at epoch 1" in run.stdout
-    a, b = load_ckpt(straight), load_ckpt(resumed)
-    for key in ("model", "teacher", "optimizer"):
-        assert_same_tensors(a[key], b[key], key)
+    blob = load_ckpt(run)
     # The target lags the online network (m = 0.99) but is not a copy of it.
     w = "backbone.conv1.weight"
-    assert not torch.equal(a["model"][w], a["teacher"][w])
-    assert (a["model"][w] - a["teacher"][w]).abs().max() < (a["model"][w]).abs().max()
+    assert not torch.equal(blob["model"][w], blob["teacher"][w])
+    assert (blob["model"][w] - blob["teacher"][w]).abs().max() < (blob["model"][w]).abs().max()
+
+
+@pytest.mark.e2e
+def test_byol_gsg_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
+    """BYOL-GSG for 2 epochs straight vs. its epoch-1 checkpoint resumed on 2 ranks (the pool): identical online,
+    target, optimizer."""
+    resumed = str(tmp_path / "resumed")
+    copy_epoch_1(run, resumed)
+    out = gloo_pool.run(run_script, "simsiam_gsg", tiny_args(image_folder, resumed, *BYOL_GSG, "--eval_every", "0"))[0]
+    assert "resumed from" in out and "at epoch 1" in out
+    a, b = load_ckpt(run), load_ckpt(resumed)
+    for key in ("model", "teacher", "optimizer"):
+        assert_same_tensors(a[key], b[key], key)

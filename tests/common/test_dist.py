@@ -1,8 +1,8 @@
-"""Two gloo ranks in spawned processes against one process on the whole batch."""
+"""common/dist.py: two gloo ranks (the session's pool) against one process on the whole batch (gather_with_grad's
+gradient, the all-reduced meter, distributed feature extraction, gather_uneven), the per-rank batch, per-rank
+seeding."""
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from common import data, dist, log
@@ -33,9 +33,10 @@ class Points(torch.utils.data.Dataset):
         return torch.tensor([float(i), 1.0]), i % 3
 
 
-def _worker(rank, tmp):
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
-    ctx = dist.Context(rank, rank, 2, torch.device("cpu"))
+def _two_rank_step():
+    """On each pool rank: its half of the batch through DDP and the loss, a meter, feature extraction, gather_uneven."""
+    ctx = dist.setup("cpu")
+    rank = ctx.rank
     x1, x2 = make_batch()
     part = slice(rank * N // 2, (rank + 1) * N // 2)
     model = make_model()
@@ -47,20 +48,18 @@ def _worker(rank, tmp):
         meter.update(torch.tensor(v), step=0)
     feats, labels = extract(nn.Identity(), data.eval_loader(Points(), 2, ctx, 0), ctx, unit_norm=False)
     uneven = dist.gather_uneven(torch.arange(rank + 2))
-    torch.save({"grad": [p.grad for p in model.parameters()], "loss": loss.detach(), "meter": meter.global_avg(),
-                "feats": feats[0], "labels": labels, "uneven": uneven}, f"{tmp}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    return {"grad": [p.grad for p in model.parameters()], "loss": loss.detach(), "meter": meter.global_avg(),
+            "feats": feats[0], "labels": labels, "uneven": uneven}
 
 
-def test_two_ranks_equal_one_process(process_group, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+def test_two_ranks_equal_one_process(process_group, gloo_pool):
+    outs = gloo_pool.run(_two_rank_step)
     # One process, whole batch: the loss is the mean over all 2N anchors.
     x1, x2 = make_batch()
     model = make_model()
     loss = simclr_loss(model(x1), model(x2), 0.3)
     loss.backward()
-    for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for out in outs:
         # DDP averages the ranks' gradients; gather_with_grad sends every rank's gradient back to the owner of each
         # slice: together that is exactly the full-batch gradient.
         for ours, full in zip(out["grad"], model.parameters()):
@@ -69,7 +68,7 @@ def test_two_ranks_equal_one_process(process_group, tmp_path):
         assert out["feats"][:, 0].tolist() == list(range(7)) and out["labels"].tolist() == [i % 3 for i in range(7)]
         assert out["uneven"].tolist() == [0, 1, 0, 1, 2]
     # Each rank's loss is the mean over its own anchors; their average is the full-batch loss.
-    mean = sum(torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["loss"] for r in range(2)) / 2
+    mean = sum(out["loss"] for out in outs) / 2
     torch.testing.assert_close(mean, loss.detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,5 @@
 """eval/analysis.py: Eq. 7-9 and linear CKA against naive references and analytic cases, the seeded views, and the
-CLI end to end (1 process with --compare, then 2 ranks: the same numbers)."""
+tool end to end (1 process with --compare, then 2 ranks on the gloo pool: the same numbers)."""
 import json
 import math
 import os
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from common import checkpoint
 from common.config import ConfigError
-from conftest import launch
 from eval import analysis, layers
 from eval.analysis import alignment, cka_matrix, layer_metrics, linear_cka, pair_sums
 
@@ -159,7 +158,13 @@ def read(folder, name):
         return json.load(f)
 
 
-def test_cli_one_process_with_compare_then_two_ranks(image_folder, tmp_path):
+def _analysis_main(argv):
+    """On each pool rank: the tool's main()."""
+    analysis.main(argv)
+
+
+def test_cli_one_process_with_compare_then_two_ranks(process_group, keep_group, gloo_pool, image_folder, tmp_path,
+                                                      capsys):
     a = write_checkpoint(str(tmp_path / "modelA" / "last.pt"), image_folder, 0)
     b = write_checkpoint(str(tmp_path / "modelB" / "last.pt"), image_folder, 1)
     try:
@@ -170,8 +175,9 @@ def test_cli_one_process_with_compare_then_two_ranks(image_folder, tmp_path):
     common = ["--num_workers", "0", "--batch_size", "5", "--device", "cpu", "--num_images", "24", "--chunk", "7",
               "--plot", plot]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run = launch("eval/analysis.py", ["--checkpoint", a, "--compare", b, "--output_dir", one] + common, nproc=0)
-    assert "modelA: per-layer Eq. 7-9" in run.stdout and "cka_cross: linear CKA" in run.stdout
+    analysis.main(["--checkpoint", a, "--compare", b, "--output_dir", one] + common)  # this process
+    printed = capsys.readouterr().out
+    assert "modelA: per-layer Eq. 7-9" in printed and "cka_cross: linear CKA" in printed
     m = read(one, "metrics")
     assert m["layers"] == [1, 2] and m["num_images"] == 24 and list(m["rows"]) == ["modelA", "modelB"]
     for rows in m["rows"].values():
@@ -189,7 +195,7 @@ def test_cli_one_process_with_compare_then_two_ranks(image_folder, tmp_path):
         for name in ("metrics", "cka", "cka_compare", "cka_cross"):
             assert os.path.getsize(os.path.join(one, name + ".png")) > 1000
     # Two ranks, model A against itself: the same views (seeded per image), so the same numbers as one process.
-    launch("eval/analysis.py", ["--checkpoint", a, "--compare", a, "--output_dir", two] + common, nproc=2)
+    gloo_pool.run(_analysis_main, ["--checkpoint", a, "--compare", a, "--output_dir", two] + common)
     m2 = read(two, "metrics")
     assert list(m2["rows"]) == ["modelA", "modelA (compare)"]
     for r1, r2 in zip(m["rows"]["modelA"], m2["rows"]["modelA"]):

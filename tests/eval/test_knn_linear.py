@@ -120,7 +120,9 @@ def test_head_probe_rebuilds_the_projection_head(process_group, tmp_path, monkey
     frozen.main(["--checkpoint", path, "--head", "true", "--linear_epochs", "1", "--k", "5",
                  "--json", str(tmp_path / "head.json")])
     assert {"knn_top1_k5", "linear_top1"} <= set(json.load(open(tmp_path / "head.json")))
-    ln = config.parse(simclr.Config, ["--arch", "resnet8", "--head", "slides", "--head_norm", "ln"])
-    checkpoint.save(path, 1, 2, config.to_dict(ln), model=simclr.build_model(ln, 32))
+    import ifaclr
+    ln = config.parse(ifaclr.Config, ["--arch", "vit_mini", "--patch_size", "7", "--head", "slides",
+                                      "--head_norm", "ln"])
+    checkpoint.save(path, 1, 2, config.to_dict(ln), model=ifaclr.build_model(ln, 28))
     with pytest.raises(ConfigError, match="LayerNorm heads cannot be probed"):
         checkpoint.load_projector(path)

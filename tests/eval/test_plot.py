@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from common.config import ConfigError
-from conftest import ROOT, _env
+from helpers import ROOT, env
 from eval import plot
 
 
@@ -70,9 +70,10 @@ def test_missing_empty_or_broken_log_is_a_clear_error(two_logs, tmp_path):
     assert not os.path.exists(tmp_path / "x.png")
 
 
+@pytest.mark.e2e
 def test_command_line_error_is_one_line(tmp_path):
     """`python -m eval.plot` with a missing file: exit status 2 and one line on stderr, no traceback."""
-    out = subprocess.run([sys.executable, "-m", "eval.plot", str(tmp_path / "nope.jsonl")], cwd=ROOT, env=_env(),
+    out = subprocess.run([sys.executable, "-m", "eval.plot", str(tmp_path / "nope.jsonl")], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: ") and "no such log file" in out.stderr
     assert "Traceback" not in out.stderr

@@ -10,14 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import augment, checkpoint, dist
+from common import augment, checkpoint
 from common.config import parse
 from common.models import build_model
-from conftest import launch
+from helpers import ROOT, run_script
 from eval import analysis, knn, linear
 from eval.knn import feature_dims, features, knn_classify, num_layers, select_layers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -34,12 +33,6 @@ def tiny_checkpoint(path, arch, data_dir, evaluate="model"):
     return states
 
 
-@pytest.fixture
-def keep_group(monkeypatch):
-    """The eval tools' main() ends with dist.cleanup(); keep the session's in-process group alive for later tests."""
-    monkeypatch.setattr(dist, "cleanup", lambda: None)
-
-
 # ----------------------------------------- which network -----------------------------------------
 
 def test_which_auto_loads_what_the_checkpoint_names(image_folder, tmp_path):
@@ -54,7 +47,7 @@ def test_which_auto_loads_what_the_checkpoint_names(image_folder, tmp_path):
         checkpoint.save(str(tmp_path / "x.pt"), 1, 2, {}, "teacher", model=states["model"])
 
 
-def test_sdssl_mocov3_checkpoint_is_evaluated_on_its_teacher(image_folder, tmp_path, keep_group):
+def test_sdssl_mocov3_checkpoint_is_evaluated_on_its_teacher(process_group, image_folder, tmp_path, keep_group):
     """A real SD-MoCo v3 run stores evaluate=teacher and exports both backbones; `eval.knn` (default --which auto)
     then reports the teacher, and its numbers are the teacher's, not the student's. MoCo v3 evaluates the student."""
     out = str(tmp_path / "sd")
@@ -62,7 +55,7 @@ def test_sdssl_mocov3_checkpoint_is_evaluated_on_its_teacher(image_folder, tmp_p
             "--image_size", "32", "--batch_size", "8", "--epochs", "1", "--max_steps_per_epoch", "2", "--device",
             "cpu", "--num_workers", "0", "--eval_every", "0", "--proj_hidden_dim", "16", "--isd_hidden_dim", "16",
             "--pred_hidden_dim", "16", "--proj_dim", "8", "--lr", "0.05"]
-    launch("sdssl.py", tiny + ["--output_dir", out], nproc=0)
+    run_script("sdssl", tiny + ["--output_dir", out])  # one process, this one
     blob = checkpoint.load(os.path.join(out, "last.pt"))
     assert blob["evaluate"] == "teacher"
     teacher_backbone = torch.load(os.path.join(out, "teacher_backbone.pt"), weights_only=True)

@@ -1,6 +1,7 @@
 """scripts/claims.py (`run_table.py claims`): the verdict logic on constructed records (each verdict), and
 the runner end to end on tiny Fashion-MNIST idx files: 2 seeds, a few steps, records, the report, and a
-second call that finds everything done (resume)."""
+second call that finds everything done (resume); its runs in this process (helpers.InProcess) and, slow, each in
+its own interpreter as in real use."""
 import json
 import os
 import subprocess
@@ -8,10 +9,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, _env, write_fashion
+from helpers import ROOT, InProcess, env, write_fashion
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import claims as C  # noqa: E402  (scripts/claims.py)
+import run_table as R  # noqa: E402  (scripts/run_table.py)
+import runs  # noqa: E402  (scripts/runs.py: the runners' launches)
 
 
 def records(a_values, b_values, metric="knn20"):
@@ -70,14 +73,29 @@ def test_every_arm_parses(claim):
         config.parse(module.Config, ["--config", C.config_path(cfg), *flags])
 
 
-def run_claims(*argv):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "claims", *argv],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+@pytest.fixture(params=["in_process", pytest.param("processes", marks=pytest.mark.slow)])
+def run_claims(request, monkeypatch, capsys):
+    """`python scripts/run_table.py claims ARGV`, its stdout returned: in_process, the runner and every run it
+    launches in this process (the default run); processes (slow: an interpreter per run), as a user runs it."""
+    if request.param == "in_process":
+        request.getfixturevalue("process_group")
+        monkeypatch.setattr(runs, "subprocess", InProcess)
+
+        def in_process(*argv):
+            capsys.readouterr()
+            R.main(["claims", *argv])
+            return capsys.readouterr().out
+        return in_process
+
+    def processes(*argv):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), "claims", *argv],
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+    return processes
 
 
-def test_claims_runner_end_to_end(tmp_path):
+def test_claims_runner_end_to_end(run_claims, tmp_path):
     data_dir = write_fashion(str(tmp_path / "data"), train=40, test=20)
     paths = ["--out_root", str(tmp_path / "out"), "--records", str(tmp_path / "runs"),
              "--report", str(tmp_path / "claims.md")]

@@ -1,56 +1,44 @@
-"""Fashion-MNIST / MNIST from their idx files (both layouts, gzipped or not, clear errors), and the Fashion-MNIST table
-runner end to end on tiny idx files this test writes (no download)."""
+"""scripts/fashion_mnist.py (`run_table.py fashion_mnist`, `fashion_mnist_distill`): the table runner end to end on
+tiny idx files this test writes (no download), its runs in this process (helpers.InProcess) and, slow, each in its
+own interpreter as in real use; and the distillation table's gain column. (Reading the idx files:
+tests/common/test_data_idx.py.)"""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from common import data
-from common.config import ConfigError
-from conftest import ROOT, _env, write_fashion
+from helpers import ROOT, InProcess, env, write_fashion
 
-
-@pytest.mark.parametrize("layout, compress", [(False, True), (True, False)], ids=["flat-gz", "torchvision-raw"])
-def test_idx_files_are_read_as_rgb_uint8(tmp_path, layout, compress):
-    root = write_fashion(str(tmp_path), torchvision_layout=layout, compress=compress)
-    train = data.build_dataset("fashion_mnist", root, "train", None)
-    val = data.build_dataset("fashion_mnist", root, "val", None)
-    assert train.images.shape == (64, 28, 28, 3) and val.images.shape == (32, 28, 28, 3)
-    assert train.images.dtype == torch.uint8 and torch.equal(train.images[..., 0], train.images[..., 2])
-    assert train.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and data.num_classes(train) == 10
-    assert data.build_dataset("fashion_mnist", root, "pretrain", None).images.shape[0] == 64
-    x, y = train[3]
-    assert x.shape == (28, 28, 3) and y == 3
-    assert data.DEFAULT_IMAGE_SIZE["fashion_mnist"] == 28
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import run_table as R  # noqa: E402  (scripts/run_table.py)
+import runs  # noqa: E402  (scripts/runs.py: the runners' launches)
 
 
-def test_missing_or_broken_idx_files_are_one_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="fashion_mnist not found: looked for train-images-idx3-ubyte and "
-                                          "train-labels-idx1-ubyte .* dataset-fashion-mnist"):
-        data.build_dataset("fashion_mnist", str(tmp_path), "train", None)
-    root = write_fashion(str(tmp_path / "ok"), compress=False)
-    path = os.path.join(root, "train-images-idx3-ubyte")
-    with open(path, "r+b") as f:
-        f.truncate(1000)
-    with pytest.raises(ConfigError, match="truncated"):
-        data.build_dataset("fashion_mnist", root, "train", None)
-    with open(path, "wb") as f:
-        f.write(b"PK\x03\x04 not an idx file")
-    with pytest.raises(ConfigError, match="not an idx file"):
-        data.build_dataset("fashion_mnist", root, "train", None)
+@pytest.fixture(params=["in_process", pytest.param("processes", marks=pytest.mark.slow)])
+def run_table(request, monkeypatch, capsys):
+    """`python scripts/run_table.py ARGV`, its stdout returned: in_process, the runner and every run it launches in
+    this process (the default run); processes (slow: an interpreter per run, 14 here), as a user runs it."""
+    if request.param == "in_process":
+        request.getfixturevalue("process_group")
+        monkeypatch.setattr(runs, "subprocess", InProcess)
+
+        def in_process(*argv):
+            capsys.readouterr()
+            R.main(list(argv))
+            return capsys.readouterr().out
+        return in_process
+
+    def processes(*argv, timeout=900):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), *argv], cwd=ROOT,
+                             env=env(), capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+    return processes
 
 
-def run_table(*argv, timeout=900):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_table.py"), *argv], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
-
-
-def test_fashion_mnist_tables_end_to_end(tmp_path):
+def test_fashion_mnist_tables_end_to_end(run_table, tmp_path):
     """The runner on tiny idx files with every run cut to one step: two SSL rows (a CIFAR-zoo ResNet and the small
     ViT, SDSSL), their random-init and raw-pixel baselines, and the distillation table's teacher and two students;
     the tables, the CSV, the curves and the wall times are written, and a second call runs nothing."""
@@ -85,7 +73,6 @@ def test_fashion_mnist_tables_end_to_end(tmp_path):
 def test_distill_table_compares_each_student_with_itself_alone(tmp_path):
     """The distillation table's gain column: each distilled row minus the same student trained alone (resnet20's
     rows against resnet20 alone, MobileNetV2's against MobileNetV2 alone); none for the teacher and the alone rows."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import fashion_mnist as FM  # scripts/fashion_mnist.py
     top1 = {"teacher": 91.0, "vanilla": 87.0, "kd": 86.5, "mobilenetv2": 80.0, "mobilenetv2_kd": 82.25}
     for key, acc in top1.items():

@@ -1,11 +1,13 @@
 """scripts/run_table.py ifacd: the slides' four tables (accuracy with its ablation, memory, parameters, training time)
-written from synthetic finished runs: row and column order, the averages, the ablation arrows and the "cpu" cells."""
+written from synthetic finished runs: row and column order, the averages, the ablation arrows and the "cpu" cells;
+the runner's dry run, its summary of finished runs, its default (the whole table) and a config for every cell."""
 import json
 import os
 import sys
 
-from common import checkpoint
-from conftest import ROOT
+import ifacd_distill as M
+from common import checkpoint, config, log
+from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import run_table as R  # noqa: E402  (scripts/run_table.py)
@@ -113,3 +115,80 @@ def test_cells_mix_and_missing_runs():
     assert R.cell(rows, "train_time_s", 1 / 3600) == 1.5
     assert R.cell([], "params_slides") is None
     assert R.with_average([1.0, "cpu"]) == [1.0, "cpu", None] and R.with_average(["cpu"]) == ["cpu", "cpu"]
+
+
+# ----- the runner: plans, dry runs, summaries, the configs of every cell -----
+
+PAIRS = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "vgg13-vgg8", "resnet56-resnet20", "resnet32x4-resnet8x4",
+         "resnet110-resnet20"]  # the slides' columns
+
+
+def run_table(capsys, *argv):
+    """scripts/run_table.py with argv, in this process (nothing here launches: dry runs, or every run finished)."""
+    capsys.readouterr()
+    R.main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_run_table_dry_run_and_summary(tmp_path, capsys):
+    root = str(tmp_path / "table")
+    argv = ["--methods", "student", "ifacd2", "--pairs", "resnet56-resnet20", "resnet110-resnet20",
+            "--seeds", "0", "1", "--out_root", root]
+    printed = run_table(capsys, "ifacd", *argv, "--dry_run", "--", "--epochs", "1").splitlines()
+    commands = [line for line in printed if "ifacd_distill.py" in line]
+    assert len(commands) == 2 + 2 + 4  # two teachers once, resnet20 vanilla x 2 seeds, 2 pairs x 2 seeds
+    assert sum("vanilla_resnet56.yaml" in c for c in commands) == 1 and all(c.endswith("--epochs 1") for c in commands)
+    assert "--teacher_ckpt " + os.path.join(root, "vanilla_resnet56", "last.pt") in commands[-4]
+    assert not os.path.exists(root)  # a dry run writes nothing
+    # Finished runs are skipped and summarised: fake them (a complete last.pt and a log.jsonl each).
+    accs = {"vanilla_resnet56": [72.0], "vanilla_resnet110": [74.0], "vanilla_resnet20/seed0": [69.0],
+            "vanilla_resnet20/seed1": [70.0], "resnet56-resnet20_ifacd2/seed0": [71.0],
+            "resnet56-resnet20_ifacd2/seed1": [72.0], "resnet110-resnet20_ifacd2/seed0": [70.5],
+            "resnet110-resnet20_ifacd2/seed1": [71.5]}
+    for run, (acc,) in accs.items():
+        os.makedirs(os.path.join(root, run))
+        checkpoint.save(os.path.join(root, run, "last.pt"), 1, 2, {"epochs": 1})
+        log.append_jsonl(os.path.join(root, run, "log.jsonl"), {"epoch": 0, "test_top1": acc, "best_test_top1": acc})
+    out = run_table(capsys, "ifacd", *argv)
+    assert "ifacd_distill.py" not in out and out.count("# done") == 8
+    table = open(os.path.join(root, "results.md")).read()
+    assert ("| ifacd2 | 71.50 ± 0.71 (n=2) [slides 71.7] | 71.00 ± 0.71 (n=2) [slides 71.57] "
+            "| 71.25 [slides 71.63] |") in table
+    assert "| student | 69.50 ± 0.71 (n=2) [slides 69] | 69.50 ± 0.71 (n=2) [slides 69] |" in table
+    assert "| teacher | 72.00 ± 0.00 (n=1) [slides 72.79] |" in table
+    assert len(open(os.path.join(root, "results.csv")).read().splitlines()) == 1 + 8
+
+
+TABLE_ROWS = ["kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt", "nst", "crd", "ifacd1",
+              "ifacd2", "ifacd3"]
+REPDISTILLER_B = {"crd": 0.8, "hint": 100, "attention": 1000, "similarity": 3000, "correlation": 0.02, "vid": 1,
+                  "rkd": 1, "pkt": 30000, "nst": 50}  # RepDistiller scripts/run_cifar_distill.sh -b (section 9)
+
+
+def test_every_cell_of_the_table_has_a_config():
+    """Six pairs x 13 method rows: each YAML parses, names its pair and method, keeps S000's alpha = beta = 1, and
+    weighs the RepDistiller methods with RepDistiller's b."""
+    for pair in PAIRS:
+        t_name, s_name = pair.split("-")
+        for row in TABLE_ROWS:
+            path = os.path.join(ROOT, "configs", "ifacd_distill", f"{pair}_{row}.yaml")
+            cfg = config.parse(M.Config, ["--config", path])
+            method = "ifacd" if row.startswith("ifacd") else row
+            assert (cfg.teacher, cfg.student, cfg.distill) == (t_name, s_name, method), (pair, row)
+            assert cfg.alpha == cfg.beta == 1 and cfg.output_dir.endswith(f"{pair}_{row}")
+            assert cfg.teacher_ckpt == f"out/ifacd_distill/vanilla_{t_name}/last.pt"
+            if method in REPDISTILLER_B:
+                assert cfg.gamma == REPDISTILLER_B[method], (pair, row)
+            if method == "ifacd":
+                assert cfg.ifacd_layers == int(row[-1])
+
+
+def test_run_table_defaults_to_the_whole_table(tmp_path, capsys):
+    printed = run_table(capsys, "ifacd", "--seeds", "0", "--out_root", str(tmp_path), "--dry_run")
+    commands = [c for c in printed.splitlines() if "ifacd_distill.py" in c]
+    # 5 teachers, 5 vanilla students (resnet20 serves two pairs), 13 rows x 6 pairs
+    assert len(commands) == 5 + 5 + 13 * 6
+    unnamed = run_table(capsys, "--seeds", "0", "--out_root", str(tmp_path), "--dry_run")  # before tables had names
+    assert [c for c in unnamed.splitlines() if "ifacd_distill.py" in c] == commands
+    for row in TABLE_ROWS:
+        assert sum(f"_{row}.yaml" in c for c in commands) == 6, row

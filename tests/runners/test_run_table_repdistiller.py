@@ -1,22 +1,19 @@
 """RepDistiller's CIFAR-100 benchmark (github.com/HobbitLong/RepDistiller, README "Benchmark Results on CIFAR-100"):
 configs/ifacd_distill/repdistiller/ holds exactly the README's cells, each with run_cifar_distill.sh's weights and
-train_student.py's recipe, and every pair builds and runs each of its methods; `scripts/run_table.py repdistiller`
-writes the README's two tables from synthetic finished runs (column and row order, labels, the README's numbers
-beside ours, "-" for a missing run, the flagged 0.00) and plans its runs (teachers first, each cell's config and the
-teacher's checkpoint)."""
+train_student.py's recipe (each cell builds and trains one step: tests/test_distill_losses.py);
+`scripts/run_table.py repdistiller` writes the README's two tables from synthetic finished runs (column and row
+order, labels, the README's numbers beside ours, "-" for a missing run, the flagged 0.00) and plans its runs
+(teachers first, each cell's config and the teacher's checkpoint)."""
 import csv
-import functools
 import glob
 import json
 import os
 import sys
 
 import pytest
-import torch
 
 from common import checkpoint, config
-from common.config import ConfigError
-from conftest import ROOT
+from helpers import REPDISTILLER_DIFF as DIFF, REPDISTILLER_SAME as SAME, ROOT
 
 import ifacd_distill as I
 
@@ -27,10 +24,7 @@ CONFIGS = os.path.join(ROOT, "configs", "ifacd_distill", "repdistiller")
 
 # ----- the README, transcribed here independently of run_table.py (its column and row order) -----
 
-SAME = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20", "resnet110-resnet32",
-        "resnet32x4-resnet8x4", "vgg13-vgg8"]
-DIFF = ["vgg13-MobileNetV2", "ResNet50-MobileNetV2", "ResNet50-vgg8", "resnet32x4-ShuffleV1", "resnet32x4-ShuffleV2",
-        "wrn_40_2-ShuffleV1"]
+# SAME, DIFF: the README's two tables' columns (helpers.py)
 ROWS = [("kd", "KD"), ("hint", "FitNet"), ("attention", "AT"), ("similarity", "SP"), ("correlation", "CC"),
         ("vid", "VID"), ("rkd", "RKD"), ("pkt", "PKT"), ("abound", "AB"), ("factor", "FT"), ("fsp", "FSP"),
         ("nst", "NST"), ("crd", "CRD")]  # FSP: table 1 only
@@ -88,6 +82,7 @@ def test_distill_config_recipe(name):
     assert cfg.teacher_ckpt == f"out/repdistiller/vanilla_{teacher}/last.pt"
     assert cfg.output_dir == f"out/repdistiller/{name}"
     header = open(os.path.join(CONFIGS, name + ".yaml")).read().split("\ndataset:")[0]
+    header = " ".join(line.lstrip("# ") for line in header.splitlines())  # one line: wraps anywhere
     label = dict(ROWS)[method]
     assert f"row {label}: {R.reference('repdistiller', method, f'{teacher}-{student}'):.2f}." in header
     a, b = WEIGHTS[method][1:]
@@ -107,40 +102,6 @@ def test_vanilla_config_recipe(model):
     number = R.reference("repdistiller", "teacher" if teacher else "student",
                          next(p for p in SAME + DIFF if p.split("-")[side] == model))
     assert f"row: {number:.2f} (column" in open(os.path.join(CONFIGS, f"vanilla_{model}.yaml")).read()
-
-
-@pytest.fixture(scope="module")
-def probe():
-    """(images, model(name)): seeded images and each zoo model built once, seeded init."""
-    torch.manual_seed(0)
-    return torch.randn(2, 3, 32, 32), functools.lru_cache(maxsize=None)(lambda name: I.build_cifar_model(name, 100))
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("pair", SAME + DIFF)
-def test_every_method_runs_on_the_pair(pair, probe, monkeypatch):
-    """Each config of the pair builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's
-    paraphraser, FSP's shape check) and gives a finite loss on a probe batch: the main term and, for the two-stage
-    methods, the init stage's. But FSP wrn_40_2 -> wrn_40_1 (the README's 0.00), refused as RepDistiller does."""
-    x, model = probe
-    shapes = functools.lru_cache(maxsize=None)(I.feature_shapes)  # the pair's two models, probed once
-    monkeypatch.setattr(I, "feature_shapes", shapes)
-    with torch.no_grad():
-        t = model(pair.split("-")[0]).eval()(x, features=True)
-        for name in [n for n, c in cells().items() if f"{c[0]}-{c[1]}" == pair]:
-            cfg = load(name, "--crd_negatives", "4")
-            teacher, student = model(cfg.teacher).eval(), model(cfg.student).train()  # the config's models
-            assert f"{cfg.teacher}-{cfg.student}" == pair, name
-            if (cfg.distill, pair) == ("fsp", "wrn_40_2-wrn_40_1"):  # the README's 0.00: RepDistiller refuses it too
-                with pytest.raises(ConfigError, match="channel counts differ"):
-                    I.build_method(cfg, student, teacher, n_data=8)
-                continue
-            method = I.build_method(cfg, student, teacher, n_data=8)
-            s, z = I.Distiller(student, method.head)(x, t)
-            term = method.loss(s, t, z, torch.arange(2), torch.randint(8, (2, 5)))
-            assert torch.isfinite(term), name
-            if hasattr(method, "init_loss"):
-                assert torch.isfinite(method.init_loss(s, t)), name
 
 
 # ----- scripts/run_table.py repdistiller -----
