@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -100,15 +101,32 @@ def env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def launch(script, args, nproc=2, timeout=600, check=True):
-    """Run `script` under torchrun with nproc CPU ranks (or plain python with nproc=0). Returns CompletedProcess.
-    One torchrun launch costs about 8 s on 2 cores (3 s of it importing torch): tests mark it `e2e`."""
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+def launch(script, args, nproc=2, timeout=600, check=True, torchrun=False):
+    """Run `script` as nproc CPU ranks (plain python with nproc=0). Returns a CompletedProcess (rank 0's
+    stdout, every rank's stderr). The ranks are started as torchrun starts them, with its environment (RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which is all common.dist reads;
+    torchrun=True starts them through torchrun itself, whose agent costs one more interpreter (about 2 s on 2
+    cores; a launch is 5-8 s): tests mark a launch `e2e`."""
+    argv = [os.path.join(ROOT, script)] + [str(a) for a in args]
+    if not nproc or torchrun:
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                  if nproc else [])
+        out = subprocess.run(cmd + argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     else:
-        cmd = [sys.executable]
-    out = subprocess.run(cmd + [os.path.join(ROOT, script)] + [str(a) for a in args], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=timeout)
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        procs = [subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                                                      MASTER_PORT=port)) for r in range(nproc)]
+        try:
+            outs = [p.communicate(timeout=timeout) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        out = subprocess.CompletedProcess(argv, max(p.returncode for p in procs), outs[0][0],
+                                          "".join(err for _, err in outs))
     if check and out.returncode != 0:
         raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out

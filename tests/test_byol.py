@@ -1,5 +1,5 @@
 """byol.py: the loss against a loop transcription, the heads, the EMA update, one training step in-process (target
-frozen, outside DDP, equal to the hand-computed mix), and one 2-rank torchrun run (smoke, log, export) resumed
+frozen, outside DDP, equal to the hand-computed mix), and one 2-rank launch (smoke, log, export) resumed
 bit-exactly on the gloo pool."""
 import math
 import os
@@ -79,14 +79,14 @@ def test_ema_update_is_the_hand_computed_mix():
 
 
 def test_one_step_updates_the_frozen_teacher_after_the_optimizer(process_group, image_folder):
-    """vit_debug (ResNets: the torchrun run). BYOL uses tau(0) after step 0, the step just taken (MoCo v3: m(1),
+    """vit_debug (ResNets: the 2-rank launch). BYOL uses tau(0) after step 0, the step just taken (MoCo v3: m(1),
     tests/test_mocov3.py)."""
     m = schedules.ema_momentum(0, 2, 0.5)
     assert m == pytest.approx(0.5, abs=1e-12)
     assert_one_step_updates_the_frozen_teacher(byol, byol.build_target, tiny_cfg, m, process_group, image_folder)
 
 
-# ----- one 2-rank torchrun run: smoke, log, export; resumed on the pool -----
+# ----- one 2-rank launch: smoke, log, export; resumed on the pool -----
 
 EXTRA = ("--pred_hidden_dim", "64", "--save_every", "1")
 
@@ -115,7 +115,7 @@ def test_smoke_two_ranks_log_and_export(run):
 
 @pytest.mark.e2e
 def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same online network, target,
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool): the same online network, target,
     optimizer and scaler state."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)

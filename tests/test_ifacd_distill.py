@@ -1,6 +1,6 @@
 """ifacd_distill.py: KD's and IFACD's losses against naive references, the frozen teacher, the slides' parameter
 table, the IFACD head, the loop's runs: a resnet14 teacher and bit-exact resumes of CRD (banks, Z) and of RepDistiller's
-init stage (AB) in this process, every RepDistiller method on the gloo pool's 2 ranks, one 2-rank torchrun run of IFACD
+init stage (AB) in this process, every RepDistiller method on the gloo pool's 2 ranks, one 2-rank launch of IFACD
 (smoke, log, parameter counts) resumed bit-exactly on the pool; clear errors. (The baselines' losses, CRD's included:
 tests/test_distill_losses.py; the table runner: tests/runners/test_run_table_ifacd.py.)"""
 import math
@@ -264,7 +264,7 @@ IFACD = ("--distill", "ifacd", "--teacher", "resnet14", "--student", "resnet8", 
 
 @pytest.fixture(scope="module")
 def run(cifar_root, teacher_ckpt, tmp_path_factory):
-    """IFACD, 2 ranks (torchrun), 2 epochs, a checkpoint after each epoch."""
+    """IFACD, 2 ranks (launched), 2 epochs, a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("ifacd") / "straight")
     launch("ifacd_distill.py", run_args(cifar_root, out, *IFACD, "--teacher_ckpt", teacher_ckpt))
     return out
@@ -288,7 +288,7 @@ def test_ifacd_two_ranks_two_epochs(run):
 
 @pytest.mark.e2e
 def test_ifacd_two_ranks_resume_is_bit_exact(run, cifar_root, teacher_ckpt, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same student, heads and
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool): the same student, heads and
     optimizer."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)

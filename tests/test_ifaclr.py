@@ -1,6 +1,6 @@
 """ifaclr.py (IFACD slides, appendix A): the loss against a loop transcription of SupCon 'all' over
 [B, views x layers, D], the detached layers of lwclr, simlwclr's pairing, the prototype's head, two gloo
-ranks (the pool) vs one process, and a 2-rank torchrun run with the layer-similarity log and per-layer k-NN on its
+ranks (the pool) vs one process, and a 2-rank launch with the layer-similarity log and per-layer k-NN on its
 checkpoint, resumed bit-exactly on the pool (in one process: tests/test_wiring.py)."""
 import math
 import os
@@ -138,7 +138,7 @@ LWCLR = (*VIT, "--method", "lwclr", "--head", "prototype", "--head_norm", "ln", 
 
 @pytest.fixture(scope="module")
 def run(image_folder, tmp_path_factory):
-    """lwclr with the prototype's head, 2 ranks (torchrun), 2 epochs, a checkpoint after each epoch."""
+    """lwclr with the prototype's head, 2 ranks (launched), 2 epochs, a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("ifaclr") / "lwclr")
     launch("ifaclr.py", tiny_args(image_folder, out, *LWCLR))
     return out
@@ -158,7 +158,7 @@ def test_two_rank_lwclr_run_logs_layer_similarity_and_per_layer_knn(run, keep_gr
 
 @pytest.mark.e2e
 def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same model, optimizer and
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool): the same model, optimizer and
     scaler state."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)

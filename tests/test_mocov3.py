@@ -1,6 +1,6 @@
 """mocov3.py: the loss against a loop transcription (and on 2 gloo ranks vs one process), the heads, the momentum
 schedule, the EMA update, one training step in-process (teacher frozen, outside DDP, equal to the hand-computed mix),
-and one 2-rank torchrun run (smoke, log, export) resumed bit-exactly on the gloo pool (student, momentum encoder,
+and one 2-rank launch (smoke, log, export) resumed bit-exactly on the gloo pool (student, momentum encoder,
 optimizer)."""
 import math
 import os
@@ -146,7 +146,7 @@ def test_ema_update_is_the_hand_computed_mix():
 # ----- one training step in-process: the teacher after the step, and that it never got a gradient -----
 
 def test_one_step_updates_the_frozen_teacher_after_the_optimizer(process_group, image_folder):
-    """vit_debug (ResNets: the torchrun run). MoCo v3: the update after step 0 prepares the keys of step 1, so it
+    """vit_debug (ResNets: the 2-rank launch). MoCo v3: the update after step 0 prepares the keys of step 1, so it
     uses m(1) (BYOL: tau(0), tests/test_byol.py)."""
     m = schedules.ema_momentum(1, 2, 0.5)
     assert m == pytest.approx(0.75, abs=1e-12)
@@ -154,7 +154,7 @@ def test_one_step_updates_the_frozen_teacher_after_the_optimizer(process_group, 
                                                image_folder)
 
 
-# ----- one 2-rank torchrun run: smoke, log, export; resumed on the pool -----
+# ----- one 2-rank launch: smoke, log, export; resumed on the pool -----
 
 EXTRA = ("--pred_hidden_dim", "64", "--save_every", "1", "--warmup_epochs", "0")  # lr > 0 from step 0
 
@@ -184,7 +184,7 @@ def test_smoke_two_ranks_log_and_export(run):
 
 @pytest.mark.e2e
 def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool) must end with the same student,
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool) must end with the same student,
     momentum encoder, optimizer and scaler state."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)

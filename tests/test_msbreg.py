@@ -1,6 +1,6 @@
 """msbreg.py: each loss term against a loop reference in float64 (value and gradient), Eq. 7 and the pairwise form
 of Eq. 3, the Brownian noise, singular_value_loss on 2 gloo ranks (the pool) vs one process, and a 2-rank K = 4
-torchrun run (smoke, log) resumed bit-exactly on the pool."""
+launch (smoke, log) resumed bit-exactly on the pool."""
 import os
 import sys
 
@@ -228,7 +228,7 @@ K4 = ("--num_views", "4", "--save_every", "1")
 
 @pytest.fixture(scope="module")
 def run(image_folder, tmp_path_factory):
-    """2 ranks (torchrun), K = 4 views, 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
+    """2 ranks (launched), K = 4 views, 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("msbreg") / "straight")
     launch("msbreg.py", tiny_args(image_folder, out, *K4))
     return out
@@ -250,7 +250,7 @@ def test_two_ranks_k4_smoke_and_log(run):
 
 @pytest.mark.e2e
 def test_k4_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool) for the 2nd epoch."""
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool) for the 2nd epoch."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)
     out = gloo_pool.run(run_script, "msbreg", tiny_args(image_folder, resumed, *K4, "--eval_every", "0"))[0]

@@ -1,5 +1,5 @@
 """sdssl.py: the three L_ssl forms with num_layers, the batched heads, the schedules, the stop-gradients, and the
-three frameworks on 2 ranks: SD-MoCo v3 under torchrun (smoke, log, per-layer k-NN on its checkpoint) resumed
+three frameworks on 2 ranks: SD-MoCo v3 launched as 2 processes (smoke, log, per-layer k-NN on its checkpoint) resumed
 bit-exactly on the gloo pool, SD-BYOL and SD-SimCLR on the pool."""
 import math
 import os
@@ -169,14 +169,14 @@ def test_two_rank_run_on_the_pool(image_folder, gloo_pool, tmp_path, framework):
 
 @pytest.fixture(scope="module")
 def run(image_folder, tmp_path_factory):
-    """SD-MoCo v3 (vit_debug), 2 ranks (torchrun), 2 epochs, k-NN every epoch, a checkpoint after each epoch."""
+    """SD-MoCo v3 (vit_debug), 2 ranks (launched), 2 epochs, k-NN every epoch, a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("sdssl") / "mocov3")
     launch("sdssl.py", tiny_args(image_folder, out, "--framework", "mocov3", *TINY_HEADS, "--save_every", "1"))
     return out
 
 
 @pytest.mark.e2e
-def test_two_rank_torchrun_smoke_and_per_layer_knn(run, keep_group, capsys):
+def test_two_rank_smoke_and_per_layer_knn(run, keep_group, capsys):
     check_two_rank_run(run, "mocov3")
     from eval import knn  # per-layer k-NN on the checkpoint: one row per block
     knn.main(["--checkpoint", os.path.join(run, "last.pt"), "--layer", "all", "--k", "5", "--num_workers", "0"])
@@ -186,7 +186,7 @@ def test_two_rank_torchrun_smoke_and_per_layer_knn(run, keep_group, capsys):
 
 @pytest.mark.e2e
 def test_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
-    """The epoch-1 checkpoint of the torchrun run resumed on 2 ranks (the pool): the same student, teacher,
+    """The epoch-1 checkpoint of the 2-rank launch resumed on 2 ranks (the pool): the same student, teacher,
     optimizer and scaler state."""
     resumed = str(tmp_path / "resumed")
     copy_epoch_1(run, resumed)

@@ -66,7 +66,7 @@ def test_simclr_loss_analytic_cases(process_group):
 def run(image_folder, tmp_path_factory):
     """2 ranks, 2 epochs of the tiny preset (resnet8), k-NN every epoch, a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("simclr") / "straight")
-    launch("simclr.py", tiny_args(image_folder, out, "--save_every", "1"))
+    launch("simclr.py", tiny_args(image_folder, out, "--save_every", "1"), torchrun=True)  # the README's torchrun
     return out
 
 

@@ -1,6 +1,6 @@
 """simsiam_gsg.py: the GSG loss against the appendix's per-sample loop (ties included), the SimSiam loss,
 stop-gradient, the per-rank partner shuffle, heads / optimizer groups / EMA, a 2-rank SimSiam-GSG run on the gloo
-pool, and one 2-rank torchrun run of BYOL-GSG (smoke, log) resumed bit-exactly on the pool."""
+pool, and one 2-rank launch of BYOL-GSG (smoke, log) resumed bit-exactly on the pool."""
 import os
 import sys
 
@@ -223,7 +223,7 @@ BYOL_GSG = ("--base", "byol", "--gsg", "true", "--save_every", "1")
 
 @pytest.fixture(scope="module")
 def run(image_folder, tmp_path_factory):
-    """BYOL-GSG, 2 ranks (torchrun), 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
+    """BYOL-GSG, 2 ranks (launched), 2 epochs of the tiny preset (resnet8), a checkpoint after each epoch."""
     out = str(tmp_path_factory.mktemp("byol_gsg") / "straight")
     launch("simsiam_gsg.py", tiny_args(image_folder, out, *BYOL_GSG))
     return out
