@@ -38,6 +38,7 @@ SSL_CASES = {
     "msbreg": (msbreg, ["--arch", "resnet8", *SMALL, "--num_views", "2"]),
     **{f"ifaclr-{m}": (ifaclr, [*VIT, *SMALL, "--method", m]) for m in ("lwclr", "simlwclr")},
 }
+pytestmark = pytest.mark.sweep  # every method of every script
 RUN = ["--dataset", "fake", "--device", "cpu", "--epochs", "1", "--max_steps_per_epoch", "1",
        "--batch_size", "8", "--num_workers", "0", "--eval_every", "0", "--log_every", "1"]
 

@@ -75,6 +75,7 @@ SYNC_CASES = {  # the scripts whose step must not wait for the host (#25 item 4)
 }
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("case", sorted(SYNC_CASES))
 def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, monkeypatch, case):
     """Counted on the CPU with tests/helpers.py's HostSyncCounter around each step's body (the

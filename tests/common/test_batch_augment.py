@@ -156,6 +156,7 @@ def test_blur_and_solarize_match_torchvision():
     torch.testing.assert_close(B.augment_batch(img, r), ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("recipe", [augment.simclr_recipe(32, 0.5, blur=False), augment.byol_recipes(32)[1],
                                     augment.mocov2_recipe(32, crop_min=0.08, blur=True)],
                          ids=["simclr_cifar", "byol_view2", "mocov2_blur"])
@@ -227,6 +228,7 @@ def top_minus_bottom(views):
     return views[..., :h, :].mean(dim=(1, 2, 3)) - views[..., h:, :].mean(dim=(1, 2, 3))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("recipe", [augment.simclr_recipe(32, 0.5, blur=False), augment.byol_recipes(32)[0],
                                     augment.byol_recipes(32)[1], augment.mocov2_recipe(32, crop_min=0.08),
                                     augment.simclr_recipe(16, 0.5, blur=False)],

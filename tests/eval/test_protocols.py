@@ -220,6 +220,7 @@ def test_readme_lists_a_command_for_every_table():
     assert len(readme_commands()) >= 14
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("argv", readme_commands(), ids=[f"{i}-{a[2]}" for i, a in enumerate(readme_commands())])
 def test_readme_protocol_command_runs_on_a_tiny_checkpoint(argv, image_folder, tmp_path, keep_group):
     """The command as the README gives it, with its checkpoint replaced by a tiny one of the same family (a ViT deep
