@@ -119,3 +119,15 @@ def test_claims_runner_end_to_end(run_claims, tmp_path):
     assert "# running" not in second and second.count("# done") == 5
     assert os.path.exists(tmp_path / "runs" / "c1" / "no_stop_grad_seed1.json")
     assert "A note written by hand." in open(tmp_path / "claims.md").read()  # kept outside the blocks
+
+
+def test_block_table_and_summary():
+    """Per-block metrics go to their own table (a column per block, mean ± std over seeds); the summary
+    counts each claim's verdicts and says how many comparisons still lack a second seed."""
+    recs = {"sd": {s: {"metrics": {"teacher_b1_knn20": 70.0 + s, "teacher_b2_knn20": 75.0}} for s in (0, 1)}}
+    lines = C.block_lines(recs)
+    assert "| sd | teacher_knn20 | 70.50 ± 0.71 | 75.00 ± 0.00 |" in lines and "block 2" in lines[2]
+    assert C.block_lines({"a": {0: {"metrics": {"knn20": 1.0}}}}) == []
+    args = C.parse_args(["--records", "/nonexistent"])[0]
+    summary = C.summary_lines(args)
+    assert len(summary) == 2 + len(C.CLAIMS) and all("not run yet" in line for line in summary[2:])
