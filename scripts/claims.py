@@ -22,6 +22,7 @@ reversed = it lies outside, not shown otherwise.
 """
 import argparse
 import csv
+import glob
 import math
 import os
 import re
@@ -457,6 +458,8 @@ def claim_lines(args, claim):
              f"{header_lines(spec)}", ""]
     if not records:
         return lines + ["Not run yet.", ""]
+    for png in sorted(glob.glob(os.path.join(os.path.dirname(args.records), f"c{claim}_*.png"))):
+        lines += [f"![claim {claim}]({os.path.relpath(png, os.path.dirname(args.report) or '.')})", ""]
     lines += arm_lines(spec, records) + [""] + block_lines(records) + [
         "| comparison | n | difference per seed | "
         "mean [95% CI] | paper | verdict |", "|---|---|---|---|---|---|"]
