@@ -3,7 +3,7 @@ cases beyond one or two per script run with -m slow).
 
 optim.autocast and optim.grad_scaler are CUDA-only in the scripts; here they are switched on for the
 CPU, whose autocast raises the same dtype errors (a module run outside autocast on a half-precision
-activation: "Input type (BFloat16) and bias type (float)"). One step of 8 fake images per case, in
+activation: "Input type (BFloat16) and bias type (float)"). One step of 4 fake images per case, in
 this process."""
 import os
 import sys
@@ -40,7 +40,7 @@ SSL_CASES = {
 }
 pytestmark = pytest.mark.sweep  # every method of every script
 RUN = ["--dataset", "fake", "--device", "cpu", "--epochs", "1", "--max_steps_per_epoch", "1",
-       "--batch_size", "8", "--num_workers", "0", "--eval_every", "0", "--log_every", "1"]
+       "--batch_size", "4", "--num_workers", "0", "--eval_every", "0", "--log_every", "1"]
 
 
 @pytest.fixture
