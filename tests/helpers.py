@@ -103,33 +103,50 @@ def env():
 
 def launch(script, args, nproc=2, timeout=600, check=True, torchrun=False):
     """Run `script` as nproc CPU ranks (plain python with nproc=0). Returns a CompletedProcess (rank 0's
-    stdout, every rank's stderr). The ranks are started as torchrun starts them, with its environment (RANK,
-    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which is all common.dist reads;
+    stdout, every rank's stderr). The ranks are started as torchrun starts them (spawn_ranks);
     torchrun=True starts them through torchrun itself, whose agent costs one more interpreter (about 2 s on 2
     cores; a launch is 5-8 s): tests mark a launch `e2e`."""
     argv = [os.path.join(ROOT, script)] + [str(a) for a in args]
-    if not nproc or torchrun:
+    if nproc and not torchrun:
+        out = spawn_ranks(argv, nproc, timeout)
+    else:
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                   if nproc else [])
         out = subprocess.run(cmd + argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    else:
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        procs = [subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-                                                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                                                      MASTER_PORT=port)) for r in range(nproc)]
-        try:
-            outs = [p.communicate(timeout=timeout) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        out = subprocess.CompletedProcess(argv, max(p.returncode for p in procs), outs[0][0],
-                                          "".join(err for _, err in outs))
     if check and out.returncode != 0:
         raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
+
+
+def spawn_ranks(argv, nproc, timeout):
+    """`python argv` as nproc processes with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: all that common.dist reads). As torchrun does, a rank that fails
+    stops the others (they would wait in a collective); the return code is the failed rank's."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
+    procs = [subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=o, stderr=e, text=True,
+                              env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r, (o, e) in enumerate(logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(argv, timeout)
+            time.sleep(0.05)
+        code = next((c for c in (p.poll() for p in procs) if c), 0)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    text = []
+    for o, e in logs:
+        o.seek(0), e.seek(0)
+        text.append((o.read(), e.read()))
+        o.close(), e.close()
+    return subprocess.CompletedProcess(argv, code, text[0][0], "".join(err for _, err in text))
 
 
 def tiny_args(data_dir, output_dir, *extra):

@@ -88,3 +88,20 @@ def test_total_ops_report_and_backward():
     report = sync.report()
     assert "2 host synchronisation(s)" in report and "test_helpers.py:" in report
     assert "_local_scalar_dense" not in report and "value read on the host" in report
+
+
+@pytest.mark.e2e
+def test_spawn_ranks_stops_the_others_when_a_rank_fails(tmp_path):
+    """helpers.spawn_ranks, the 2-rank launch of the tests: every rank gets torchrun's environment, and a rank
+    that fails ends the launch at once with its exit code (the other would wait in a collective)."""
+    import time
+    from helpers import spawn_ranks
+    script = tmp_path / "ranks.py"
+    script.write_text("import os, sys, time\nprint(os.environ['RANK'], os.environ['WORLD_SIZE'], "
+                      "os.environ['LOCAL_WORLD_SIZE'])\nif os.environ['RANK'] == sys.argv[1]: sys.exit(3)\n"
+                      "time.sleep(1 if sys.argv[1] == 'none' else 60)\n")
+    ok = spawn_ranks([str(script), "none"], 2, timeout=30)
+    assert ok.returncode == 0 and ok.stdout == "0 2 2\n"
+    start = time.monotonic()
+    failed = spawn_ranks([str(script), "1"], 2, timeout=30)
+    assert failed.returncode == 3 and time.monotonic() - start < 10
