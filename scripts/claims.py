@@ -485,8 +485,9 @@ def csv_rows(args):
 
 def summary_lines(args):
     """One row per claim: how many of its comparisons came out each way, and the runs behind them."""
-    lines = ["| claim | paper | comparisons: reproduced / not shown / reversed | runs (seeds) |",
-             "|---|---|---|---|"]
+    lines = ["| claim | paper | comparisons: reproduced / not shown / reversed | runs (seeds) | "
+             "minutes (train + eval, all runs) |", "|---|---|---|---|---|"]
+    total = 0.0
     for claim, spec in CLAIMS.items():
         records = load_records(args, claim)
         verdicts = [compare(records, c)[3] for c in spec["comparisons"]]
@@ -495,10 +496,13 @@ def summary_lines(args):
         counts += f" ({pending} of {len(verdicts)} without 2 seeds yet)" if pending else ""
         seeds = sorted({s for recs in records.values() for s in recs})
         runs = sum(len(recs) for recs in records.values())
+        minutes = sum(r["train_s"] + r["eval_s"] for recs in records.values()
+                      for r in recs.values()) / 60
+        total += minutes
         lines.append(f"| [{claim}](#claim-{claim}-{anchor(spec)}) | {spec['paper']}, "
                      f"{spec['where']} | {counts if runs else 'not run yet'} | {runs} "
-                     f"({', '.join(map(str, seeds)) or '-'}) |")
-    return lines
+                     f"({', '.join(map(str, seeds)) or '-'}) | {minutes:.0f} |")
+    return lines + [f"| all | | | | {total:.0f} |"]
 
 
 def anchor(spec):
