@@ -63,38 +63,28 @@ def sdssl_comparisons():
 # per run (name prefix -> flags), baseline arms made by evaluation alone, and the comparisons:
 # (label, metric or "metric - metric", arm A, arm B or None (within A), ">" or "~margin", the
 # paper's number).
+CLAIM_1 = dict(
+    paper="SimSiam (Chen & He, CVPR 2021)", where="Sec. 4.1, Fig. 2",
+    statement="without the stop-gradient the output collapses: the per-channel std of the "
+              "l2-normalised output goes to 0 and k-NN accuracy falls to chance",
+    script="simsiam_gsg.py", config="claims/c1_simsiam_stop_grad.yaml",
+    arms={"stop_grad": [], "no_stop_grad": ["--stop_grad", "false"]},
+    evals={"": []}, log=["out_std", "knn_top1", "loss"],
+    baselines={"random_init": ["--arch", "resnet8"]},
+    comparisons=[
+        ("out_std (last epoch): stop-grad - none", "out_std", "stop_grad", "no_stop_grad", ">",
+         "~0.02 (= 1/sqrt(2048)) vs 0"),
+        ("20-NN: stop-grad - none", "knn20", "stop_grad", "no_stop_grad", ">",
+         "linear 67.7 vs 0.1"),
+        ("20-NN: random init - no stop-grad", "knn20", "random_init", "no_stop_grad", ">",
+         "k-NN at chance (0.1 of 1000 classes)")])
+
 CLAIMS = {
-    "1": dict(
-        paper="SimSiam (Chen & He, CVPR 2021)", where="Sec. 4.1, Fig. 2",
-        statement="without the stop-gradient the output collapses: the per-channel std of the "
-                  "l2-normalised output goes to 0 and k-NN accuracy falls to chance",
-        script="simsiam_gsg.py", config="claims/c1_simsiam_stop_grad.yaml",
-        arms={"stop_grad": [], "no_stop_grad": ["--stop_grad", "false"]},
-        evals={"": []}, log=["out_std", "knn_top1", "loss"],
-        baselines={"random_init": ["--arch", "resnet8"]},
-        comparisons=[
-            ("out_std (last epoch): stop-grad - none", "out_std", "stop_grad", "no_stop_grad", ">",
-             "~0.02 (= 1/sqrt(2048)) vs 0"),
-            ("20-NN: stop-grad - none", "knn20", "stop_grad", "no_stop_grad", ">",
-             "linear 67.7 vs 0.1"),
-            ("20-NN: random init - no stop-grad", "knn20", "random_init", "no_stop_grad", ">",
-             "k-NN at chance (0.1 of 1000 classes)")]),
+    "1": CLAIM_1,
     # claim 1 again, longer: a change made after claim 1's verdict (its config says why)
-    "1b": dict(
-        paper="SimSiam (Chen & He, CVPR 2021)", where="Sec. 4.1, Fig. 2",
-        statement="as claim 1, with 600 steps instead of 200 (a protocol changed after seeing "
-                  "claim 1's verdict: every arm rerun)",
-        script="simsiam_gsg.py", config="claims/c1b_simsiam_stop_grad_600_steps.yaml",
-        arms={"stop_grad": [], "no_stop_grad": ["--stop_grad", "false"]},
-        evals={"": []}, log=["out_std", "knn_top1", "loss"],
-        baselines={"random_init": ["--arch", "resnet8"]},
-        comparisons=[
-            ("out_std (last epoch): stop-grad - none", "out_std", "stop_grad", "no_stop_grad", ">",
-             "~0.02 (= 1/sqrt(2048)) vs 0"),
-            ("20-NN: stop-grad - none", "knn20", "stop_grad", "no_stop_grad", ">",
-             "linear 67.7 vs 0.1"),
-            ("20-NN: random init - no stop-grad", "knn20", "random_init", "no_stop_grad", ">",
-             "k-NN at chance (0.1 of 1000 classes)")]),
+    "1b": dict(CLAIM_1, config="claims/c1b_simsiam_stop_grad_600_steps.yaml",
+               statement="as claim 1, with 600 steps instead of 200 (a protocol changed after "
+                         "seeing claim 1's verdict: every arm rerun)"),
     "2": dict(
         paper="SimCLR (Chen et al., ICML 2020)", where="Sec. 4.2, Fig. 8",
         statement="the representation h before the projection head is better than the head's "
