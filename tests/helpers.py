@@ -360,6 +360,20 @@ def _pool_worker(rank, world_size, store, conn):
 
 # ---------------------------------- checks that two script test files run ----------------------------------
 
+def assert_ema_update_mixes(model, teacher, ema_update):
+    """ema_update(teacher, model, 0.9) leaves every teacher weight at 0.9 teacher + 0.1 online, for a teacher
+    (backbone and projector, no predictor) made to differ from its student first."""
+    assert not any(k.startswith("predictor") for k in teacher.state_dict())  # backbone + projector only
+    with torch.no_grad():  # a teacher that differs from the student, so the mix is visible
+        for p in teacher.parameters():
+            p.copy_(torch.randn_like(p))
+    before = {k: v.clone().double() for k, v in teacher.named_parameters()}
+    online = {k: v.detach().double() for k, v in model.named_parameters()}
+    ema_update(teacher, model, 0.9)
+    for name, p in teacher.named_parameters():
+        torch.testing.assert_close(p.double(), 0.9 * before[name] + 0.1 * online[name], rtol=0, atol=1e-6)
+
+
 def assert_one_step_updates_the_frozen_teacher(module, build_teacher, tiny_cfg, m, ctx, image_folder):
     """One training step in this process (module.train_one_epoch, vit_debug, sgd at lr 30 and m0 0.5 so that the
     student moves and the mix is far from both endpoints): the EMA teacher stays outside DDP, never gets a gradient,

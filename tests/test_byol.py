@@ -11,7 +11,7 @@ import torch.nn as nn
 import byol
 from byol import byol_loss
 from common import config, schedules
-from helpers import (assert_one_step_updates_the_frozen_teacher, assert_same_tensors, copy_epoch_1, launch,
+from helpers import (assert_ema_update_mixes, assert_one_step_updates_the_frozen_teacher, assert_same_tensors, copy_epoch_1, launch,
                      load_ckpt, read_log, run_script, tiny_args)
 
 
@@ -66,16 +66,7 @@ def test_heads_follow_the_paper(arch):
 def test_ema_update_is_the_hand_computed_mix():
     torch.manual_seed(0)
     model = byol.build_model(tiny_cfg("vit_debug"), 32)
-    teacher = byol.build_target(model)
-    assert not any(k.startswith("predictor") for k in teacher.state_dict())  # backbone + projector only
-    with torch.no_grad():  # a teacher that differs from the student, so the mix is visible
-        for p in teacher.parameters():
-            p.copy_(torch.randn_like(p))
-    before = {k: v.clone().double() for k, v in teacher.named_parameters()}
-    online = {k: v.detach().double() for k, v in model.named_parameters()}
-    byol.ema_update(teacher, model, 0.9)
-    for name, p in teacher.named_parameters():
-        torch.testing.assert_close(p.double(), 0.9 * before[name] + 0.1 * online[name], rtol=0, atol=1e-6)
+    assert_ema_update_mixes(model, byol.build_target(model), byol.ema_update)
 
 
 def test_one_step_updates_the_frozen_teacher_after_the_optimizer(process_group, image_folder):
