@@ -12,7 +12,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: `from helpers import ...` in every folder
-from helpers import GlooPool, write_cifar, write_image_folder  # noqa: E402  (helpers puts ROOT on sys.path)
+from helpers import GlooPool, forkserver, write_cifar, write_image_folder  # noqa: E402  (helpers puts ROOT on sys.path)
+
+
+def pytest_sessionstart(session):
+    """Start the fork server that launches and the gloo pool fork from (helpers.forkserver) while pytest collects."""
+    import multiprocessing.forkserver
+    forkserver()
+    multiprocessing.forkserver.ensure_running()
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

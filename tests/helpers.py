@@ -102,51 +102,97 @@ def env():
 
 
 def launch(script, args, nproc=2, timeout=600, check=True, torchrun=False):
-    """Run `script` as nproc CPU ranks (plain python with nproc=0). Returns a CompletedProcess (rank 0's
-    stdout, every rank's stderr). The ranks are started as torchrun starts them (spawn_ranks);
-    torchrun=True starts them through torchrun itself, whose agent costs one more interpreter (about 2 s on 2
-    cores; a launch is 5-8 s): tests mark a launch `e2e`."""
+    """Run `script` as nproc CPU ranks (one plain process with nproc=0). Returns a CompletedProcess (rank 0's
+    stdout, every rank's stderr). The ranks are started as torchrun starts them (spawn_ranks); torchrun=True
+    starts them through torchrun itself, whose agent and fresh interpreters cost about 4 s more on 2 cores: the
+    tests mark every launch `e2e`."""
     argv = [os.path.join(ROOT, script)] + [str(a) for a in args]
-    if nproc and not torchrun:
+    if not torchrun:
         out = spawn_ranks(argv, nproc, timeout)
     else:
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                  if nproc else [])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         out = subprocess.run(cmd + argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
 
 
+def forkserver():
+    """multiprocessing's fork server, which imports the third-party modules every script imports, once, and runs
+    nothing else (no thread pool for a fork to inherit): the ranks of spawn_ranks and the workers of GlooPool are
+    forked from it, instead of fresh interpreters that spend about 2 s each on these imports."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "numpy", "yaml", "PIL.Image"])
+    return ctx
+
+
 def spawn_ranks(argv, nproc, timeout):
     """`python argv` as nproc processes with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
-    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: all that common.dist reads). As torchrun does, a rank that fails
-    stops the others (they would wait in a collective); the return code is the failed rank's."""
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: all that common.dist reads); nproc=0: one process without them.
+    Each process is forked from forkserver() and runs the script as __main__ with its own argv, environment,
+    working directory, sys.path, stdout and stderr, as a fresh interpreter would. As torchrun does, a rank that
+    fails stops the others (they would wait in a collective); the return code is the failed rank's."""
+    ctx = forkserver()
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
-    procs = [subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=o, stderr=e, text=True,
-                              env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-                                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r, (o, e) in enumerate(logs)]
+    folder = tempfile.mkdtemp(prefix="ranks_")
+    logs = [(os.path.join(folder, f"{r}.out"), os.path.join(folder, f"{r}.err")) for r in range(max(nproc, 1))]
+    ranks = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(nproc)] or [{}]
+    procs = [ctx.Process(target=_run_as_main, args=(argv, dict(env(), **extra), out, err))
+             for extra, (out, err) in zip(ranks, logs)]
+    for p in procs:
+        p.start()
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+        while any(p.exitcode is None for p in procs) and all(p.exitcode in (None, 0) for p in procs):
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(argv, timeout)
             time.sleep(0.05)
-        code = next((c for c in (p.poll() for p in procs) if c), 0)
+        code = next((c for c in (p.exitcode for p in procs) if c), 0)
     finally:
         for p in procs:
             p.kill()
-            p.wait()
+            p.join()
     text = []
-    for o, e in logs:
-        o.seek(0), e.seek(0)
-        text.append((o.read(), e.read()))
-        o.close(), e.close()
+    for out, err in logs:
+        with open(out) as o, open(err) as e:
+            text.append((o.read(), e.read()))
+    shutil.rmtree(folder, ignore_errors=True)
     return subprocess.CompletedProcess(argv, code, text[0][0], "".join(err for _, err in text))
+
+
+def run_python(*argv, timeout=600):
+    """`python argv` (a script path, or "-m", module) as one process forked from forkserver(): a process that
+    never started a process group, with the tests' environment; returns its CompletedProcess."""
+    return spawn_ranks([str(a) for a in argv], 0, timeout)
+
+
+def _run_as_main(argv, environ, out, err):
+    """A forked process doing what `python argv` does in a fresh interpreter. multiprocessing turns SystemExit
+    and an uncaught exception (its traceback on stderr) into the exit code, as Python does."""
+    import atexit
+    import runpy
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))  # the fork server read the variable before it was set
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    os.chdir(ROOT)
+    module = argv[1] if argv[0] == "-m" else None
+    sys.argv = list(argv[1:] if module else argv)
+    first = ROOT if module else os.path.dirname(argv[0])  # what python puts first on sys.path
+    sys.path[:] = [first, ROOT] + [p for p in sys.path if p not in ("", ROOT) and not p.startswith(TESTS)]
+    try:
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # a forked process ends with os._exit, which skips them
 
 
 def tiny_args(data_dir, output_dir, *extra):
@@ -258,7 +304,7 @@ class GlooPool:
         self.world_size, self.procs, self.conns, self.store = world_size, [], [], None
 
     def start(self):
-        ctx = multiprocessing.get_context("spawn")
+        ctx = forkserver()
         self.store = tempfile.mkdtemp(prefix="gloo_pool_")
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()

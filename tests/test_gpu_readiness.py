@@ -148,19 +148,15 @@ def test_gsg_draws_its_partner_permutation_on_the_views_device():
     assert r.device.type == "meta" and all(v.device.type == "meta" for v in shuffled)
 
 
-@pytest.mark.e2e  # starts scripts/gpu_report.py in its own interpreter
+@pytest.mark.e2e  # starts scripts/gpu_report.py in its own process
 def test_gpu_report_runs_in_tiny_mode_on_the_cpu(tmp_path):
     """scripts/gpu_report.py, the first-contact command, at toy sizes: every section fills in, the
     --tiny smoke cases take their 3 steps, resume is bit-exact on the CPU."""
     import json
     import os
-    import subprocess
-    import sys
 
-    from helpers import ROOT, env
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_report.py"), "--out",
-                          str(tmp_path), "--tiny"], cwd=ROOT, env=env(), capture_output=True,
-                         text=True, timeout=600)
+    from helpers import ROOT, run_python
+    out = run_python(os.path.join(ROOT, "scripts", "gpu_report.py"), "--out", tmp_path, "--tiny")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.load(open(tmp_path / "report.json"))
     sections = ["environment", "simclr_step", "smoke", "resume", "augmentation", "sdssl_ratio",

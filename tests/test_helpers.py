@@ -99,7 +99,7 @@ def test_spawn_ranks_stops_the_others_when_a_rank_fails(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text("import os, sys, time\nprint(os.environ['RANK'], os.environ['WORLD_SIZE'], "
                       "os.environ['LOCAL_WORLD_SIZE'])\nif os.environ['RANK'] == sys.argv[1]: sys.exit(3)\n"
-                      "time.sleep(1 if sys.argv[1] == 'none' else 60)\n")
+                      "time.sleep(0.2 if sys.argv[1] == 'none' else 60)\n")
     ok = spawn_ranks([str(script), "none"], 2, timeout=30)
     assert ok.returncode == 0 and ok.stdout == "0 2 2\n"
     start = time.monotonic()

@@ -1,13 +1,11 @@
 """Every loss runs as plain PyTorch in a process that never starts a process group (a notebook, a unit test, a
 coursework file that copies one loss): it then behaves as world size 1 and equals the value under a 1-process group."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, env
+from helpers import ROOT, run_python
 
 # Each entry: the import, then an expression of fixed inputs (seeded) whose value is printed.
 CASES = {
@@ -36,16 +34,17 @@ print(json.dumps(out))
 """
 
 
-def in_a_fresh_interpreter():
-    out = subprocess.run([sys.executable, "-c", PROGRAM.format(root=ROOT, cases=CASES)], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=300)
+def in_a_fresh_process(tmp_path):
+    program = tmp_path / "program.py"
+    program.write_text(PROGRAM.format(root=ROOT, cases=CASES))
+    out = run_python(program, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.e2e
-def test_losses_without_a_process_group_equal_world_size_one(process_group, capsys):
-    plain = in_a_fresh_interpreter()  # never initialises a process group
+def test_losses_without_a_process_group_equal_world_size_one(process_group, capsys, tmp_path):
+    plain = in_a_fresh_process(tmp_path)  # never initialises a process group
     rng = torch.get_rng_state()
     exec(PROGRAM.format(root=ROOT, cases=CASES), {"__name__": "grouped"})  # this process: a 1-process group
     torch.set_rng_state(rng)

@@ -161,14 +161,15 @@ def test_blur_and_solarize_match_torchvision():
                                     augment.mocov2_recipe(32, crop_min=0.08, blur=True)],
                          ids=["simclr_cifar", "byol_view2", "mocov2_blur"])
 def test_output_statistics_match_the_torchvision_pipeline(recipe):
-    """Same images through both paths, 8 draws each: per-channel mean, std and the fraction of grey images agree.
+    """Same images through both paths, 4 draws each: per-channel mean, std and the fraction of grey images agree.
     PIL rounds to 8 bits after every step (truncating in its blends), so its means sit about 1/255 (0.02 in
-    normalised units) lower; the tolerances allow that plus sampling noise (about 0.015 for 4096 draws)."""
+    normalised units) lower; the tolerances allow that plus sampling noise (about 0.02 for 2048 draws). Seen
+    failing at 2048 draws (as at 4096): the brightness range halved, the grayscale probability halved."""
     torch.manual_seed(0)
     images = smooth_images(512)
     pil = augment.to_torchvision(recipe)
-    ours = torch.cat([B.augment_batch(images, recipe) for _ in range(8)])  # (4096, 3, 32, 32)
-    theirs = torch.stack([pil(Image.fromarray(im.numpy())) for _ in range(8) for im in images])
+    ours = torch.cat([B.augment_batch(images, recipe) for _ in range(4)])  # (2048, 3, 32, 32)
+    theirs = torch.stack([pil(Image.fromarray(im.numpy())) for _ in range(4) for im in images])
     for stat in (lambda v: v.mean(dim=(2, 3)), lambda v: v.std(dim=(2, 3))):
         a, b = stat(ours), stat(theirs)  # per image and channel
         assert torch.allclose(a.mean(0), b.mean(0), atol=0.05), (a.mean(0), b.mean(0))
@@ -235,10 +236,11 @@ def top_minus_bottom(views):
                          ids=["simclr_cifar", "byol_view1", "byol_view2", "mocov2", "simclr_shrink"])
 def test_vertical_structure_matches_torchvision(recipe):
     """Images bright at the top and dark at the bottom: the distribution of each view's top-minus-bottom difference
-    is the same through the batched path and torchvision (KS test over 2,048 views each). A flip that also
-    mirrors the rows turns about half of the batched views upside down and fails by a wide margin."""
+    is the same through the batched path and torchvision (KS test over 1,024 views each). A flip that also
+    mirrors the rows turns about half of the batched views upside down and fails by a wide margin (seen: every
+    recipe fails with the rows mirrored in both resize paths)."""
     torch.manual_seed(0)
-    n = 2048
+    n = 1024
     images = smooth_images(n)
     ramp = torch.linspace(90, -90, 32).view(1, 32, 1, 1)  # top rows +90, bottom rows -90
     images = (images.float() * 0.3 + 128 + ramp).clamp(0, 255).round().to(torch.uint8)

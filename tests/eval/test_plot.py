@@ -1,13 +1,12 @@
 """eval/plot.py: the loss and k-NN curves of several runs' log.jsonl in one PNG, and its clear errors."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from common.config import ConfigError
-from helpers import ROOT, env
+from helpers import run_python
 from eval import plot
 
 
@@ -73,7 +72,6 @@ def test_missing_empty_or_broken_log_is_a_clear_error(two_logs, tmp_path):
 @pytest.mark.e2e
 def test_command_line_error_is_one_line(tmp_path):
     """`python -m eval.plot` with a missing file: exit status 2 and one line on stderr, no traceback."""
-    out = subprocess.run([sys.executable, "-m", "eval.plot", str(tmp_path / "nope.jsonl")], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=600)
+    out = run_python("-m", "eval.plot", tmp_path / "nope.jsonl")
     assert out.returncode == 2 and out.stderr.strip().startswith("error: ") and "no such log file" in out.stderr
     assert "Traceback" not in out.stderr
