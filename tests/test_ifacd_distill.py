@@ -236,6 +236,7 @@ def _each_method(runs, common, out_root):
     return done
 
 
+@pytest.mark.sweep
 def test_each_repdistiller_method_on_two_ranks(cifar_root, teacher_ckpt, gloo_pool, tmp_path):
     """Every method added for RepDistiller's benchmark on a cross-family pair (the resnet14 teacher -> MobileNetV2,
     ShuffleV1 or wrn_16_1), 2 ranks (the gloo pool), 1 init epoch (AB, FT, FSP) + 1 main epoch. FSP and KDSVD need
