@@ -18,8 +18,8 @@ from helpers import GlooPool, forkserver, write_cifar, write_image_folder  # noq
 def pytest_sessionstart(session):
     """Start the fork server that launches and the gloo pool fork from (helpers.forkserver) while pytest collects."""
     import multiprocessing.forkserver
-    forkserver()
-    multiprocessing.forkserver.ensure_running()
+    if forkserver().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

@@ -120,7 +120,10 @@ def launch(script, args, nproc=2, timeout=600, check=True, torchrun=False):
 def forkserver():
     """multiprocessing's fork server, which imports the third-party modules every script imports, once, and runs
     nothing else (no thread pool for a fork to inherit): the ranks of spawn_ranks and the workers of GlooPool are
-    forked from it, instead of fresh interpreters that spend about 2 s each on these imports."""
+    forked from it, instead of fresh interpreters that spend about 2 s each on these imports. Where there is no
+    fork server (Windows), spawn: the same processes, each importing for itself."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision", "numpy", "yaml", "PIL.Image"])
     return ctx

@@ -1,4 +1,7 @@
-"""tests/helpers.py: HostSyncCounter counts exactly the ops that make a GPU wait for the host."""
+"""tests/helpers.py: HostSyncCounter counts exactly the ops that make a GPU wait for the host; spawn_ranks and
+run_python start processes as torchrun and python would."""
+import json
+
 import pytest
 import torch
 
@@ -105,3 +108,23 @@ def test_spawn_ranks_stops_the_others_when_a_rank_fails(tmp_path):
     start = time.monotonic()
     failed = spawn_ranks([str(script), "1"], 2, timeout=30)
     assert failed.returncode == 3 and time.monotonic() - start < 10
+
+
+@pytest.mark.e2e
+def test_a_forked_process_runs_a_script_as_a_fresh_interpreter_would(tmp_path):
+    """helpers.run_python (a process forked from the fork server): the script runs as __main__ with its own argv,
+    its folder first on sys.path and tests/ off it, the repository importable, OMP_NUM_THREADS obeyed; an
+    uncaught exception exits with status 1 and its traceback on stderr; `-m module` runs a module."""
+    from helpers import ROOT, TESTS, run_python
+    script = tmp_path / "probe.py"
+    script.write_text("import json, os, sys, torch\nimport common\n"
+                      "print(json.dumps([__name__, sys.argv, sys.path[0], sys.path, torch.get_num_threads()]))\n"
+                      "if sys.argv[1] == 'raise': raise ValueError('planted')\n")
+    out = run_python(script, "quiet")
+    name, argv, first, path, threads = json.loads(out.stdout)
+    assert out.returncode == 0 and name == "__main__" and argv == [str(script), "quiet"] and threads == 1
+    assert first == str(tmp_path) and ROOT in path and not any(p.startswith(TESTS) for p in path)
+    failed = run_python(script, "raise")
+    assert failed.returncode == 1 and "ValueError: planted" in failed.stderr and "Traceback" in failed.stderr
+    module = run_python("-m", "eval.plot", tmp_path / "missing.jsonl")
+    assert module.returncode == 2 and "no such log file" in module.stderr
