@@ -1,8 +1,8 @@
 """Fixtures only (what tests share besides fixtures is in helpers.py): tiny generated data sets, a 1-process group in
 the test process, the 2-rank gloo pool, one torch thread per module. Nothing here needs a GPU or the network.
 
-Markers (pytest.ini): `e2e` tests start interpreters (a 2-rank launch, a subprocess) and `sweep` tests run one
-check over every method, pair or precision; both are part of the default run and left out of the inner loop
+Markers (pytest.ini): `e2e` tests start processes (a 2-rank launch, a script in its own process) and `sweep` tests
+run one check over every method, pair or precision; both are part of the default run and left out of the inner loop
 (`pytest -m "not e2e and not sweep"`). `slow` tests are kept out of the default run; every `slow` test is also `e2e`.
 """
 import os
