@@ -511,7 +511,9 @@ def replace_block(text, name, lines):
 
 def report(args):
     """docs/claims.md (each claim's generated block replaced, the rest kept), docs/claims.csv, the
-    figures, and the summary in README.md's Results (for the repository's own docs/claims.md)."""
+    figures, and the summary in README.md's Results (for the repository's own docs/claims.md). The
+    figures come first: each claim's block links the ones that exist."""
+    figures(args)
     text = open(args.report).read() if os.path.exists(args.report) else "# Claims\n"
     summary = summary_lines(args)
     text = replace_block(text, "summary", summary)
@@ -529,13 +531,12 @@ def report(args):
                 f.write(replace_block(text, "summary", summary))
     with open(os.path.splitext(args.report)[0] + ".csv", "w", newline="") as f:
         csv.writer(f).writerows(csv_rows(args))
-    figures(args)
     print(f"wrote {args.report}")
 
 
 def figures(args):
-    """docs/claims/c1_collapse.png, c3_blocks.png, c7_layers.png from the records (needs
-    matplotlib)."""
+    """docs/claims/c1_collapse.png, c1b_collapse.png, c3_blocks.png, c7_layers.png from the records
+    (needs matplotlib)."""
     try:
         from claims_plots import plot_all
     except ImportError as e:

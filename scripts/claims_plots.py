@@ -1,5 +1,5 @@
 """The claims table's figures, drawn from the run records (scripts/claims.py): the collapse monitor
-of claim 1, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not a
+of claims 1 and 1b, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not a
 requirement of the repository: claims.py skips the figures without it)."""
 import os
 import statistics
@@ -49,13 +49,15 @@ def save(fig, path):
 def plot_all(records, out_dir):
     """records: {claim: {arm: {seed: record}}}; writes the PNGs of the claims that have records."""
     os.makedirs(out_dir, exist_ok=True)
-    if records.get("1"):
-        runs = {a: r for a, r in records["1"].items() if a != "random_init"}
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        curves(left, runs, "out_std", "out_std (std of the l2-normalised z)")
-        curves(right, runs, "knn_top1", "20-NN top-1 (%), 10k-image bank")
-        fig.suptitle("Claim 1: SimSiam with and without the stop-gradient (Fashion-MNIST)")
-        save(fig, os.path.join(out_dir, "c1_collapse.png"))
+    for claim, steps in (("1", 200), ("1b", 600)):
+        if records.get(claim):
+            runs = {a: r for a, r in records[claim].items() if a != "random_init"}
+            fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+            curves(left, runs, "out_std", "out_std (std of the l2-normalised z)")
+            curves(right, runs, "knn_top1", "20-NN top-1 (%), 10k-image bank")
+            fig.suptitle(f"Claim {claim}: SimSiam with and without the stop-gradient, {steps} steps "
+                         "(Fashion-MNIST)")
+            save(fig, os.path.join(out_dir, f"c{claim}_collapse.png"))
     if records.get("3"):
         fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
         for ax, (prefix, metric) in zip(axes, [("teacher_", "linear"), ("teacher_", "knn20"),
