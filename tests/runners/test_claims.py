@@ -131,3 +131,20 @@ def test_block_table_and_summary():
     args = C.parse_args(["--records", "/nonexistent"])[0]
     summary = C.summary_lines(args)
     assert len(summary) == 3 + len(C.CLAIMS) and all("not run yet" in line for line in summary[2:-1])
+
+
+def test_budget_plans_the_tables_commands_and_scales_one_epoch(tmp_path):
+    """scripts/claims_budget.py times the commands `run_table.py claims` runs (one seed; claim 6's teacher
+    as a setup run, once), groups evaluations by kind, and scales a 1-epoch time by the epochs after the
+    start-up."""
+    import claims_budget as B
+    root = str(tmp_path)
+    steps = B.plan(["1", "6"], root)
+    trains = [cmd for kind, _, cmd in steps if kind == "train"]
+    assert [c for kind, c, _ in steps if kind == "train"] == ["6", "1", "1"] + ["6"] * 5  # setup runs first
+    assert [B.is_setup(cmd, root) for cmd in trains] == [True] + [False] * 7
+    assert [B.epochs_of(cmd) for cmd in trains] == [12, 5, 5] + [25] * 5
+    kinds = {B.eval_kind(cmd) for kind, c, cmd in steps if kind == "eval"}
+    assert kinds == {"", "--dataset fashion_mnist --arch resnet8"}  # claim 1's trained arms share one; 6 has none
+    assert B.full_run(one_epoch=12.0, epochs=25, startup=7.0) == 7.0 + 25 * 5.0
+    assert C.timed is runs.timed  # planning leaves the runner's own launch in place
