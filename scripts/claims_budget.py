@@ -50,9 +50,13 @@ def is_setup(cmd, out_root):
 
 
 def timed_run(cmd):
+    """Wall seconds of one command, one thread; a failed command stops the measurement, its error
+    shown."""
     start = time.monotonic()
-    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode:
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-2000:]}")
     return time.monotonic() - start
 
 
