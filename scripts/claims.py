@@ -37,6 +37,8 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 # k-NN (the 60k training images as neighbours) and a linear probe, one pass
 FROZEN = ["-m", "eval.frozen"]
+# a per-block metric's name: [prefix_]b<block>_<metric> (eval.frozen --layer all)
+BLOCK_KEY = re.compile(r"(?:^|_)b(\d+)_")
 
 
 def blocks(prefix, metric, depth=6):
@@ -234,9 +236,10 @@ def git_commit():
     return out.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
-def run_one(args, extra, claim, arm, seed, spec, teacher=None):
+def run_one(args, extra, claim, arm, seed, spec, teacher=None, launch=timed):
     """Train (unless finished), evaluate, and write the run's record. Returns nothing; everything is
-    on disk.
+    on disk. `launch`: runs.timed (scripts/claims_budget.py passes its own, to collect the
+    commands).
     With --jobs > 1 each process gets cores / jobs threads and writes its output to
     run_dir/stdout.log."""
     out = os.path.join(args.out_root, f"c{claim}", arm, f"seed{seed}")
@@ -255,7 +258,7 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         cmd = command(config_path(spec["config"]), out, 0, data + flags + extra, seed, teacher,
                       script=spec["script"])
         if not is_complete(out):
-            timed(cmd, out, "train_s", args.dry_run, threads, log_path)
+            launch(cmd, out, "train_s", args.dry_run, threads, log_path)
         evals = {prefix: ["--checkpoint", os.path.join(out, "last.pt")] + flags
                  for prefix, flags in spec["evals"].items()}
     else:  # a baseline: the same architecture at random init, evaluated with the run's seed
@@ -265,9 +268,9 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
         path = os.path.join(out, f"eval_{prefix or 'backbone'}.json".replace("_.", "."))
         if not os.path.exists(path):
             os.makedirs(out, exist_ok=True) if not args.dry_run else None
-            timed([sys.executable, *FROZEN, *flags, "--data_dir", args.data_dir, "--json", path,
-                   "--linear_epochs", str(args.linear_epochs)], out, "eval_s", args.dry_run,
-                  threads, log_path)
+            launch([sys.executable, *FROZEN, *flags, "--data_dir", args.data_dir, "--json", path,
+                    "--linear_epochs", str(args.linear_epochs)], out, "eval_s", args.dry_run,
+                   threads, log_path)
         if not args.dry_run:
             metrics.update(frozen_metrics(read_json(path), prefix))
     if args.dry_run:
@@ -287,9 +290,9 @@ def run_one(args, extra, claim, arm, seed, spec, teacher=None):
                   f, indent=1)
 
 
-def run_all(args, extra):
+def run_all(args, extra, launch=timed):
     """The setup runs first (a claim's teacher, trained once with seed 0, all cores), then every
-    (claim, seed, arm), --jobs of them at a time."""
+    (claim, seed, arm), --jobs of them at a time; each command through `launch` (run_one)."""
     tasks = []
     for claim in args.claims:
         spec = CLAIMS[claim]
@@ -297,18 +300,18 @@ def run_all(args, extra):
         for name, (cfg, flags) in spec.get("setup", {}).items():
             teacher = os.path.join(args.out_root, f"c{claim}", name)
             if not is_complete(teacher):
-                timed(command(config_path(cfg), teacher, 0,
-                              ["--data_dir", args.data_dir, "--download", "false"] + flags + extra,
-                              0), teacher, "train_s", args.dry_run)
+                launch(command(config_path(cfg), teacher, 0,
+                               ["--data_dir", args.data_dir, "--download", "false"] + flags + extra,
+                               0), teacher, "train_s", args.dry_run)
         tasks += [(claim, arm, seed, spec, teacher) for seed in args.seeds
                   for arm in list(spec["arms"]) + list(spec.get("baselines", {}))]
     if args.jobs <= 1 or args.dry_run:
         for task in tasks:
-            run_one(args, extra, *task)
+            run_one(args, extra, *task, launch=launch)
         return
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(run_one, args, extra, *task) for task in tasks]:
+        for future in [pool.submit(run_one, args, extra, *task, launch=launch) for task in tasks]:
             future.result()  # re-raises a failed run's error
 
 
@@ -395,7 +398,7 @@ def arm_lines(spec, records):
     value, and the wall time."""
     keys = sorted({k for c in spec["comparisons"] for k in c[1].split(" - ")}
                   | ({"out_std"} if "out_std" in spec["log"] else set()))
-    keys = [k.strip() for k in keys if not re.search(r"(^|_)b\d+_", k.strip())  # block_lines
+    keys = [k.strip() for k in keys if not BLOCK_KEY.search(k.strip())  # block_lines
             and any(k.strip() in r["metrics"] for recs in records.values() for r in recs.values())]
     lines = ["| arm | flags | " + " | ".join(keys) + " | train + eval (min per run) |",
              "|---" * (len(keys) + 3) + "|"]
@@ -416,13 +419,13 @@ def arm_lines(spec, records):
 
 
 def block_lines(records):
-    """Per-block metrics (prefix + b<l>_ + metric) as one row per arm and prefix, a column per block:
-    mean +- std over seeds."""
+    """Per-block metrics (prefix + b<l>_ + metric) as one row per arm and prefix, a column per
+    block: mean +- std over seeds."""
     names = sorted({k for recs in records.values() for r in recs.values() for k in r["metrics"]})
-    series = sorted({re.sub(r"b\d+_", "b*_", k) for k in names if re.search(r"(^|_)b\d+_", k)})
+    series = sorted({re.sub(r"b\d+_", "b*_", k) for k in names if BLOCK_KEY.search(k)})
     if not series:
         return []
-    depth = max(int(m) for k in names for m in re.findall(r"(?:^|_)b(\d+)_", k))
+    depth = max(int(m) for k in names for m in BLOCK_KEY.findall(k))
     lines = ["Per block (mean ± std over seeds):", "",
              "| arm | metric | " + " | ".join(f"block {b}" for b in range(1, depth + 1)) + " |",
              "|---" * (depth + 2) + "|"]
@@ -449,7 +452,8 @@ def claim_lines(args, claim):
     if not records:
         return lines + ["Not run yet.", ""]
     for png in sorted(glob.glob(os.path.join(os.path.dirname(args.records), f"c{claim}_*.png"))):
-        lines += [f"![claim {claim}]({os.path.relpath(png, os.path.dirname(args.report) or '.')})", ""]
+        link = os.path.relpath(png, os.path.dirname(args.report) or ".")
+        lines += [f"![claim {claim}]({link})", ""]
     lines += arm_lines(spec, records) + [""] + block_lines(records) + [
         "| comparison | n | difference per seed | "
         "mean [95% CI] | paper | verdict |", "|---|---|---|---|---|---|"]
@@ -474,7 +478,8 @@ def csv_rows(args):
 
 
 def summary_lines(args):
-    """One row per claim: how many of its comparisons came out each way, and the runs behind them."""
+    """One row per claim: how many of its comparisons came out each way, and the runs behind
+    them."""
     lines = ["| claim | paper | comparisons: reproduced / not shown / reversed | runs (seeds) | "
              "minutes (train + eval, all runs) |", "|---|---|---|---|---|"]
     total = 0.0
@@ -482,7 +487,8 @@ def summary_lines(args):
         records = load_records(args, claim)
         verdicts = [compare(records, c)[3] for c in spec["comparisons"]]
         counts = " / ".join(str(verdicts.count(v)) for v in ("reproduced", "not shown", "reversed"))
-        pending = len(verdicts) - sum(verdicts.count(v) for v in ("reproduced", "not shown", "reversed"))
+        pending = len(verdicts) - sum(verdicts.count(v)
+                                      for v in ("reproduced", "not shown", "reversed"))
         counts += f" ({pending} of {len(verdicts)} without 2 seeds yet)" if pending else ""
         seeds = sorted({s for recs in records.values() for s in recs})
         runs = sum(len(recs) for recs in records.values())

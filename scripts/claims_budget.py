@@ -29,18 +29,14 @@ def plan(wanted, out_root):
     """[(kind, claim, cmd)] of one seed: the commands `run_table.py claims` would run, in order."""
     steps = []
 
-    def collect(cmd, out, key, *rest):  # stands in for runs.timed
+    def collect(cmd, out, key, *rest):  # in place of runs.timed
         claim = os.path.relpath(out, out_root).split(os.sep)[0][1:]
         steps.append(("train" if key == "train_s" else "eval", claim, cmd))
 
     args, extra = claims.parse_args(["--dry_run", "--seeds", "0", "--out_root", out_root,
                                      "--records", os.path.join(out_root, "records"),
                                      "--claims", *wanted])
-    timed, claims.timed = claims.timed, collect
-    try:
-        claims.run_all(args, extra)
-    finally:
-        claims.timed = timed
+    claims.run_all(args, extra, launch=collect)
     return steps
 
 
@@ -91,7 +87,8 @@ def main(argv=None):
             evals.setdefault((c, eval_kind(cmd)), []).append(cmd)
     for cmds in evals.values():  # an evaluation at random init writes into a run folder of its own
         os.makedirs(os.path.dirname(cmds[0][cmds[0].index("--json") + 1]), exist_ok=True)
-    longest = max(range(len(trains)), key=lambda i: epochs_of(trains[i][1]))
+    epochs = [epochs_of(cmd) for _, cmd in trains]
+    longest = max(range(len(trains)), key=epochs.__getitem__)
     cmd = trains[longest][1]
     at = cmd.index("--output_dir") + 1
     three_epochs = cmd[:at] + [os.path.join(out_root, "startup")] + cmd[at + 1:] + ["--epochs", "3"]
@@ -113,10 +110,9 @@ def main(argv=None):
     for i, (c, cmd) in enumerate(trains):
         run = os.path.relpath(cmd[cmd.index("--output_dir") + 1], out_root)
         n = 1 if i in setup else args.seeds  # a setup run (a teacher) is trained once
-        wall = one[i]
-        seconds = full_run(wall, epochs_of(cmd), startup)
+        seconds = full_run(one[i], epochs[i], startup)
         total += n * seconds
-        print(f"| {c} | {run} | {epochs_of(cmd)} | {wall - startup:.1f} | {seconds / 60:.1f} "
+        print(f"| {c} | {run} | {epochs[i]} | {one[i] - startup:.1f} | {seconds / 60:.1f} "
               f"| {n} |")
     for ((c, kind), cmds), wall in zip(evals.items(), once):
         total += len(cmds) * args.seeds * wall

@@ -70,6 +70,16 @@ def gloo_pool():
 
 
 @pytest.fixture
+def feature_shapes_once(monkeypatch):
+    """ifacd_distill.feature_shapes (a forward of the model) computed once per model and size in the test: tests
+    that build many methods on one teacher and student."""
+    import functools
+    import ifacd_distill
+    cached = functools.lru_cache(maxsize=None)(ifacd_distill.feature_shapes)
+    monkeypatch.setattr(ifacd_distill, "feature_shapes", cached)
+
+
+@pytest.fixture
 def keep_group(monkeypatch):
     """The scripts' and eval tools' main() end with dist.cleanup(); keep the session's in-process group alive."""
     from common import dist

@@ -817,7 +817,7 @@ class OneForwardTeacher(torch.nn.Module):
 
 @pytest.mark.sweep
 @pytest.mark.parametrize("pair", REPDISTILLER_PAIRS)
-def test_every_method_trains_one_step_on_every_pair(process_group, pair, monkeypatch):
+def test_every_method_trains_one_step_on_every_pair(process_group, pair, feature_shapes_once):
     """train_one_epoch, one step at batch 3 (RKD's angles need 3): on the slides' six pairs every --distill method (kd, crd, ifacd and the
     baselines), on RepDistiller's seven others each README cell, each from its README config where there is one.
     Each builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's paraphraser, FSP's shape
@@ -827,7 +827,6 @@ def test_every_method_trains_one_step_on_every_pair(process_group, pair, monkeyp
     t_name, s_name = pair.split("-")
     torch.manual_seed(0)
     teacher = OneForwardTeacher(build_cifar_model(t_name, 10)).requires_grad_(False).eval()
-    monkeypatch.setattr(M, "feature_shapes", functools.lru_cache(maxsize=None)(M.feature_shapes))  # teacher once
     fresh_student = build_cifar_model(s_name, 10)  # copied for each method (a copy costs less than an init)
     base = data.ArrayDataset(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.arange(8) % 4,
                              augment.linear_train_transform(32))

@@ -114,7 +114,8 @@ def test_spawn_ranks_stops_the_others_when_a_rank_fails(tmp_path):
 def test_a_forked_process_runs_a_script_as_a_fresh_interpreter_would(tmp_path):
     """helpers.run_python (a process forked from the fork server): the script runs as __main__ with its own argv,
     its folder first on sys.path and tests/ off it, the repository importable, OMP_NUM_THREADS obeyed; an
-    uncaught exception exits with status 1 and its traceback on stderr; `-m module` runs a module."""
+    uncaught exception exits with status 1 and its traceback on stderr. (`-m module`: tests/eval/test_plot.py,
+    test_command_line_error_is_one_line.)"""
     from helpers import ROOT, TESTS, run_python
     script = tmp_path / "probe.py"
     script.write_text("import json, os, sys, torch\nimport common\n"
@@ -126,5 +127,3 @@ def test_a_forked_process_runs_a_script_as_a_fresh_interpreter_would(tmp_path):
     assert first == str(tmp_path) and ROOT in path and not any(p.startswith(TESTS) for p in path)
     failed = run_python(script, "raise")
     assert failed.returncode == 1 and "ValueError: planted" in failed.stderr and "Traceback" in failed.stderr
-    module = run_python("-m", "eval.plot", tmp_path / "missing.jsonl")
-    assert module.returncode == 2 and "no such log file" in module.stderr

@@ -3,7 +3,6 @@ table, the IFACD head, the loop's runs: a resnet14 teacher and bit-exact resumes
 init stage (AB) in this process, every RepDistiller method on the gloo pool's 2 ranks, one 2-rank launch of IFACD
 (smoke, log, parameter counts) resumed bit-exactly on the pool; clear errors. (The baselines' losses, CRD's included:
 tests/test_distill_losses.py; the table runner: tests/runners/test_run_table_ifacd.py.)"""
-import functools
 import math
 import os
 import sys
@@ -79,11 +78,10 @@ def test_ifacd_loss_analytic_case(process_group):
 
 # ------------------------------------- heads and the slides' parameter table -------------------------------------
 
-def test_parameter_counts_reproduce_the_slides_table(monkeypatch):
+def test_parameter_counts_reproduce_the_slides_table(feature_shapes_once):
     """Every row of S000's 'Number of Parameters', counted as the slides do (CRD's and IFACD's heads twice, FitNet's
     regressor, CC's embeddings and VID's regressors once); counted once, IFACD1 on wrn_40_2 -> wrn_16_2 is 3.01M and
     CRD 2.99M (METHODS.md section 10)."""
-    monkeypatch.setattr(M, "feature_shapes", functools.lru_cache(maxsize=None)(M.feature_shapes))  # a forward each
     for col, pair in enumerate(PAIRS):
         t_name, s_name = pair.split("-")
         teacher, student = build_cifar_model(t_name), build_cifar_model(s_name)
