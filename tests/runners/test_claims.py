@@ -111,6 +111,11 @@ def test_claims_runner_end_to_end(run_claims, tmp_path):
     report = open(tmp_path / "claims.md").read()
     assert "### Claim 1: SimSiam" in report and "| out_std (last epoch): stop-grad - none | 2 |" in report
     assert "<!-- end of claim 7 -->" in report and report.count("Not run yet.") == len(C.CLAIMS) - 1
+    try:  # the figures need matplotlib (not a requirement); where it is, the first report already links them
+        import matplotlib  # noqa: F401
+        assert "![claim 1](c1_collapse.png)" in report
+    except ImportError:
+        assert "![claim 1]" not in report
     # resume: everything done is skipped; a lost record comes back from the run's files, without training
     os.remove(tmp_path / "runs" / "c1" / "no_stop_grad_seed1.json")
     with open(tmp_path / "claims.md", "a") as f:
