@@ -81,6 +81,9 @@ class Config:
     fix_pred_lr: bool = arg(True, "keep the predictor at the peak lr (SimSiam/GSG README: "
                                   "--fix-pred-lr)")
     warmup_epochs: int = arg(0, "linear warmup epochs before the cosine (SimSiam: 0)")
+    lr_schedule: str = arg("cosine", "cosine (SimSiam's, per epoch) or constant (the peak lr "
+                                     "throughout: the first epochs of a long cosine, as in Fig. 2)",
+                           choices=("cosine", "constant"))
     epochs: int = arg(100, "training epochs (GSG ImageNet: 100)")
     batch_size: int = arg(512, "global batch size over all GPUs (GSG ImageNet: 512)")
     amp: str = arg("none", "mixed precision on CUDA: none (the authors' fp32), bf16 or fp16",
@@ -203,6 +206,15 @@ def ema_update(target, online, m):
 
 # ============================================ training ============================================
 
+def epoch_lr(cfg, epoch):
+    """SimSiam's adjust_learning_rate: cosine over EPOCHS (constant within an epoch), no warmup by
+    default, from the linear scaling rule's peak (Sec. 4); or that peak throughout."""
+    peak_lr = cfg.lr * cfg.batch_size / 256
+    if cfg.lr_schedule == "constant":
+        return peak_lr
+    return schedules.cosine(epoch, cfg.epochs, peak_lr, warmup_steps=cfg.warmup_epochs)
+
+
 def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx,
                     epoch, step):
     model_ddp.train()
@@ -211,11 +223,8 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
         target.train()
     meter, out_std = log.Meter(), log.Meter()
     progress = log.Progress(loader, epoch, cfg.max_steps_per_epoch, cfg.log_every, cfg.batch_size)
-    # SimSiam's adjust_learning_rate: cosine over EPOCHS (constant within an epoch), no warmup by
-    # default; set_lr_wd leaves a fixed_lr group alone (param_groups)
-    peak_lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (SimSiam Sec. 4)
-    lr = schedules.cosine(epoch, cfg.epochs, peak_lr, warmup_steps=cfg.warmup_epochs)
-    optim.set_lr_wd(optimizer, lr)
+    lr = epoch_lr(cfg, epoch)
+    optim.set_lr_wd(optimizer, lr)  # leaves a fixed_lr group (the predictor) alone: param_groups
     for i, (images, _) in enumerate(progress):
         views = view_maker(images)  # 2 or 4 x (n, 3, H, W), on the device
         if cfg.gsg:
@@ -296,7 +305,7 @@ def main():
            f"{len(dataset)} images, {steps_per_epoch} steps/epoch")
 
     # ----- optimizer (lr is set every epoch in train_one_epoch) -----
-    peak_lr = cfg.lr * cfg.batch_size / 256  # the same rule as in train_one_epoch
+    peak_lr = cfg.lr * cfg.batch_size / 256  # the same rule as in epoch_lr
     optimizer = optim.build_optimizer("sgd", param_groups(model, cfg, peak_lr), lr=peak_lr,
                                       momentum=cfg.momentum)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)

@@ -87,6 +87,11 @@ CLAIMS = {
     "1b": dict(CLAIM_1, config="claims/c1b_simsiam_stop_grad_600_steps.yaml",
                statement="as claim 1, with 600 steps instead of 200 (a protocol changed after "
                          "seeing claim 1's verdict: every arm rerun)"),
+    # and again with the lr held at its peak: a second change, declared before its runs
+    "1c": dict(CLAIM_1, config="claims/c1c_simsiam_stop_grad_constant_lr.yaml",
+               statement="as claim 1b, with the lr held at its peak (Fig. 2's window of a long "
+                         "cosine) instead of a cosine to 0 in 600 steps (a second protocol "
+                         "change, declared before its runs: every arm rerun)"),
     "2": dict(
         paper="SimCLR (Chen et al., ICML 2020)", where="Sec. 4.2, Fig. 8",
         statement="the representation h before the projection head is better than the head's "
@@ -541,7 +546,7 @@ def report(args):
 
 
 def figures(args):
-    """docs/claims/c1_collapse.png, c1b_collapse.png, c3_blocks.png, c7_layers.png from the records
+    """docs/claims/c1*_collapse.png, c3_blocks.png, c7_layers.png from the records
     (needs matplotlib)."""
     try:
         from claims_plots import plot_all

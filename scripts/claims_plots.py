@@ -1,5 +1,5 @@
 """The claims table's figures, drawn from the run records (scripts/claims.py): the collapse monitor
-of claims 1 and 1b, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not
+of claims 1, 1b and 1c, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not
 a requirement of the repository: claims.py skips the figures without it)."""
 import os
 import statistics
@@ -49,14 +49,15 @@ def save(fig, path):
 def plot_all(records, out_dir):
     """records: {claim: {arm: {seed: record}}}; writes the PNGs of the claims that have records."""
     os.makedirs(out_dir, exist_ok=True)
-    for claim, steps in (("1", 200), ("1b", 600)):
+    for claim, steps in (("1", "200 steps"), ("1b", "600 steps"),
+                         ("1c", "600 steps, constant lr")):
         if records.get(claim):
             runs = {a: r for a, r in records[claim].items() if a != "random_init"}
             fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
             curves(left, runs, "out_std", "out_std (std of the l2-normalised z)")
             curves(right, runs, "knn_top1", "20-NN top-1 (%), 10k-image bank")
             fig.suptitle(f"Claim {claim}: SimSiam with and without the stop-gradient, {steps} "
-                         "steps (Fashion-MNIST)")
+                         "(Fashion-MNIST)")
             save(fig, os.path.join(out_dir, f"c{claim}_collapse.png"))
     if records.get("3"):
         fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))

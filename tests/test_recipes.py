@@ -164,6 +164,7 @@ RECIPES = {
     # the claims table's SSL protocols: the Fashion-MNIST recipes of their scripts
     "claims/c1_simsiam_stop_grad": mocov2(0.2, False), "claims/c4_gsg": mocov2(0.2, False),
     "claims/c1b_simsiam_stop_grad_600_steps": mocov2(0.2, False),
+    "claims/c1c_simsiam_stop_grad_constant_lr": mocov2(0.2, False),
     "claims/c2_simclr_head": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
     "claims/c7_ifaclr": [dict(SIMCLR_CIFAR, crop_scale=(0.2, 1.0))],
     "claims/c3_sdssl_mocov3": byol_pair(0.2), "claims/c5_msbreg": [dict(MSBREG[0], crop_scale=(0.2, 1.0))],
@@ -307,6 +308,7 @@ PAPER_DEFAULTS = {
         "exclude_bias_norm": (False, "main_simsiam.py: wd on every parameter"),
         "fix_pred_lr": (True, "GSG / SimSiam README: --fix-pred-lr"),
         "warmup_epochs": (0, "SimSiam: no warmup"), "epochs": (100, "main_pretrain.py: 100"),
+        "lr_schedule": ("cosine", "main_simsiam.py adjust_learning_rate: cosine per epoch"),
         "batch_size": (512, "main_pretrain.py: -b 512"),
         "amp": ("none", "the authors' fp32"),
     },

@@ -1,6 +1,7 @@
 """simsiam_gsg.py: the GSG loss against the appendix's per-sample loop (ties included), the SimSiam loss,
 stop-gradient, the per-rank partner shuffle, heads / optimizer groups / EMA, a 2-rank SimSiam-GSG run on the gloo
 pool, and one 2-rank launch of BYOL-GSG (smoke, log) resumed bit-exactly on the pool."""
+import math
 import os
 import sys
 
@@ -252,3 +253,13 @@ def test_byol_gsg_resume_is_bit_exact(run, image_folder, gloo_pool, tmp_path):
     a, b = load_ckpt(run), load_ckpt(resumed)
     for key in ("model", "teacher", "optimizer"):
         assert_same_tensors(a[key], b[key], key)
+
+
+def test_lr_schedule_cosine_per_epoch_or_constant():
+    """SimSiam's cosine over epochs from lr x batch / 256, or that peak every epoch (claim 1c's protocol)."""
+    base = ["--lr", "0.1", "--batch_size", "512", "--epochs", "4"]
+    cosine = config.parse(Config, base)
+    assert [simsiam_gsg.epoch_lr(cosine, e) for e in range(4)] == pytest.approx(
+        [0.2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+    constant = config.parse(Config, base + ["--lr_schedule", "constant"])
+    assert [simsiam_gsg.epoch_lr(constant, e) for e in range(4)] == [0.2] * 4
