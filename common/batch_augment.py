@@ -12,10 +12,11 @@ device, with independent random parameters per image drawn exactly as torchvisio
 - grayscale; Gaussian blur with a per-image sigma, reflect padding, the recipe's kernel size;
   solarize; normalise.
 On a GPU this removes the CPU data pipeline as the bottleneck of small-image SSL (solo-learn needs
-DALI for that). No shape depends on the random draws: every op runs on every image, with per-image
-factors or 0 / 1 weights, so a call never waits for the GPU (no host synchronisation; the tests
-count them). The random numbers come from torch's global RNG of that device, so per-epoch reseeding
-keeps runs reproducible.
+DALI for that). There no shape depends on the random draws: every op runs on every image, with
+per-image factors or 0 / 1 weights, so a call never waits for the GPU (no host synchronisation; the
+tests count them). On the CPU, where nothing waits, the same ops run only on the images drawn for
+them (CPU_SUBSETS), with the same results bit for bit. The random numbers come from torch's global
+RNG of that device, so per-epoch reseeding keeps runs reproducible.
 """
 import functools
 import itertools
@@ -173,32 +174,49 @@ def jitter_weights(order, factors):
     f = torch.cat([factors[:, :3], torch.ones_like(factors[:, :1])], dim=1).gather(1, ops)  # (n, 6)
     blend = torch.stack([f, (ops == 2) * (1.0 - f), (ops == 1) * (1.0 - f)], dim=2)  # (n, 6, 3)
     hue_on = (order < len(ORDERS)).to(factors.dtype).view(-1, 1, 1, 1)
-    return dict(blend=blend.view(*blend.shape, 1, 1, 1), hue_on=hue_on, shift=factors[:, 3])
+    # the CPU path's sort key: -1 without jitter, else the number of blend ops before the hue
+    before = (ops[:, :3] < 3).sum(1) - (order == len(ORDERS)).long()
+    return dict(blend=blend.view(*blend.shape, 1, 1, 1), hue_on=hue_on, shift=factors[:, 3],
+                before=before)
 
 
-def color_jitter(x, strengths, weights, hue=adjust_hue):
+def color_jitter(x, strengths, weights, hue=adjust_hue, spans=None):
     """torchvision ColorJitter(b, c, s, h) inside RandomApply(p), per image, in its own order, on
     (n, 3, H, W) in [0, 1] (x may be overwritten), with `weights` from jitter_weights. Every op runs
     on every image, so no shape depends on the draws: three blend passes for the ops an image has
     before hue, one hue pass, three blend passes for the ops after it; a pass leaves an image
-    without an op there bit-identical. A blend is torchvision's _blend, f x + (1 - f) other clamped
-    to [0, 1]. `hue`: adjust_hue or its compiled version."""
+    without an op there bit-identical, apart from clamping it to [0, 1]. A blend is torchvision's
+    _blend, f x + (1 - f) other clamped to [0, 1]. `hue`: adjust_hue or its compiled version.
+    `spans` (the CPU path, _spans): per blend pass and then for the hue, the rows (start, end) of
+    the images with an op there; the others are only clamped where that can change them, which
+    gives the same result."""
     for k in range(6):
         if k == 3 and strengths[3]:
-            x = _select(weights["hue_on"], x, hue(x, weights["shift"]))
+            if spans is None:
+                x = _select(weights["hue_on"], x, hue(x, weights["shift"]))
+            else:
+                a, b = spans[6]
+                x[a:b] = hue(x[a:b], weights["shift"][a:b])
         if any(strengths[:3]):
-            f, w_sat, w_con = weights["blend"][:, k].unbind(1)  # each (n, 1, 1, 1)
-            grey = _grayscale(x)  # (n, 1, H, W)
+            a, b = (0, len(x)) if spans is None else spans[k]
+            if spans is not None and k in (0, 3):
+                # a pass only clamps the images without an op in it (a crop may reach 1 + 1e-7);
+                # at passes 1, 2, 4 and 5 that repeats a clamp they have had (at pass 0, at pass
+                # 3, or in a blend of their own)
+                x[:a].clamp_(0, 1)
+                x[b:].clamp_(0, 1)
+            xs = x[a:b]
+            f, w_sat, w_con = weights["blend"][a:b, k].unbind(1)  # each (n, 1, 1, 1)
+            grey = _grayscale(xs)  # (n, 1, H, W)
             mean = grey.mean(dim=(2, 3), keepdim=True)
             other = (grey * w_sat).add_(mean.mul_(w_con))  # (1 - f) x grey image, grey mean or 0
-            x = torch.addcmul(other, x, f, out=x).clamp_(0, 1)
+            torch.addcmul(other, xs, f, out=xs).clamp_(0, 1)
     return x
 
 
-def gaussian_blur(x, blurred, sigma, kernel_size):
-    """RandomApply(GaussianBlur(kernel_size, sigma)) with reflect padding: the images where
-    `blurred` (n, 1, 1, 1) is 1 are blurred with their own sigma (n,), the others are left
-    bit-identical. Every image is convolved, so no shape depends on the draws."""
+def _blur(x, sigma, kernel_size):
+    """GaussianBlur(kernel_size, sigma) of each image of (n, C, H, W) with its own sigma (n,),
+    reflect padding: one horizontal and one vertical pass of a per-channel convolution."""
     n, c, hgt, wid = x.shape
     half = (kernel_size - 1) / 2
     t = torch.linspace(-half, half, kernel_size, device=x.device)
@@ -209,44 +227,85 @@ def gaussian_blur(x, blurred, sigma, kernel_size):
     y = F.pad(x.reshape(1, n * c, hgt, wid), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)  # horizontal pass
     y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)  # vertical pass
-    # A select, not an impulse kernel for the others: a GPU may convolve in TF32 or with an FFT.
-    return _select(blurred, x, y.view(n, c, hgt, wid))
+    return y.view(n, c, hgt, wid)
 
 
-def _pixel_ops(x, out, recipe, hue, draws):
-    """Jitter, grayscale, blur, solarize and normalise (n, 3, S, S) in [0, 1] into `out`, with
-    augment_batch's per-image `draws` (a step the recipe does not have has none)."""
+def gaussian_blur(x, blurred, sigma, kernel_size, subsets=False):
+    """RandomApply(GaussianBlur(kernel_size, sigma)) with reflect padding: the images where
+    `blurred` (n, 1, 1, 1) is 1 are blurred with their own sigma (n,), the others are left
+    bit-identical (a select, not an impulse kernel: a GPU may convolve in TF32 or with an FFT)."""
+    return _where_drawn(blurred, x, lambda v, s: _blur(v, s, kernel_size), subsets, sigma)
+
+
+def _solarize(x):  # v >= 128 / 255 -> 1 - v (exact there)
+    return torch.where(x >= 128 / 255, 1.0 - x, x)
+
+
+def _where_drawn(weight, x, op, subsets, *per_image):
+    """x where the 0 / 1 `weight` (n, 1, 1, 1) is 0, op(x, *per_image) where it is 1 (x may be
+    overwritten). The GPU path runs op on every image and selects, so no shape depends on the
+    draws; `subsets` (the CPU path) runs it on those rows only."""
+    if not subsets:
+        return _select(weight, x, op(x, *per_image))
+    rows = weight.view(-1).nonzero().squeeze(1)
+    if len(rows):  # (a convolution refuses an empty batch)
+        picked = x.index_select(0, rows)
+        x.index_copy_(0, rows, op(picked, *(p[rows] for p in per_image)).expand_as(picked))
+    return x
+
+
+def _pixel_ops(x, recipe, hue, draws, subsets):
+    """Jitter, grayscale, blur, solarize and normalise (n, 3, S, S) in [0, 1], in place, with
+    augment_batch's per-image `draws` (a step the recipe does not have has none). `subsets` (the
+    CPU path): the images are sorted by draws["before"], and each step runs only on its images."""
     if "blend" in draws:
-        x = color_jitter(x, recipe.jitter, draws, hue)
-    if "gray" in draws:
-        x = _select(draws["gray"], x, _grayscale(x))  # the grey plane in the 3 channels
+        spans = _spans(draws["before"]) if subsets else None
+        x = color_jitter(x, recipe.jitter, draws, hue, spans)
+    if "gray" in draws:  # the grey plane in the 3 channels
+        x = _where_drawn(draws["gray"], x, _grayscale, subsets)
     if "blurred" in draws:
-        x = gaussian_blur(x, draws["blurred"], draws["sigma"], recipe.blur_kernel)
-    if "solarized" in draws:  # v >= 128 / 255 -> 1 - v; |v - s| is exactly v or 1 - v (s = 0 or 1)
-        x = (x - (x >= 128 / 255) * draws["solarized"]).abs_()
+        x = gaussian_blur(x, draws["blurred"], draws["sigma"], recipe.blur_kernel, subsets)
+    if "solarized" in draws:
+        x = _where_drawn(draws["solarized"], x, _solarize, subsets)
     mean, std = _constant(recipe.mean, x.device), _constant(recipe.std, x.device)
-    return torch.sub(x, mean.view(1, 3, 1, 1), out=out).div_(std.view(1, 3, 1, 1))
+    return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+
+
+def _spans(before):
+    """The CPU path's rows (start, end) of each of color_jitter's passes in a chunk sorted by
+    `before` (-1: not jittered, else the number of blend ops before the hue): blend passes 0-2 have
+    the images with at least 3 - k ops before the hue, passes 3-5 those with at most 5 - k (ops
+    after it are left-aligned), the hue every jittered image."""
+    s = torch.searchsorted(before, torch.arange(5)).tolist()  # s[v]: the first row with before >= v
+    n = len(before)
+    return [(s[3], n), (s[2], n), (s[1], n), (s[0], s[3]), (s[0], s[2]), (s[0], s[1]), (s[0], n)]
 
 
 # On the CPU, augment_batch makes the views in chunks of images of about this many pixels per
-# channel: the ops' temporaries then stay in the L2 cache (2-3x faster than passes over a batch of
-# 512 32 x 32 images). A GPU takes the whole batch at once.
-CPU_CHUNK_PIXELS = 2 ** 16
+# channel: the ops' temporaries then stay in the CPU's caches and no batch-sized temporary is
+# allocated (glibc returns those to the OS and page-faults them back). 2**17 was the fastest of
+# 2**14-2**18 at 32 and 96 px (bench.py --augment). A GPU takes the whole batch at once.
+CPU_CHUNK_PIXELS = 2 ** 17
+# On the CPU nothing waits for the host, so there augment_batch spends no work on the images a step
+# leaves alone: it sorts the images by their jitter's draws["before"], so that each jitter pass has
+# its images in one slice, and greys, blurs and solarizes only the images drawn for it. Same views
+# bit for bit (tests); False runs the GPU's path on the CPU (the sync-counting tests do).
+CPU_SUBSETS = True
 
 
 def augment_batch(images, recipe, hue=None):
     """uint8 (B, H, W, 3) on any device -> float (B, 3, S, S) views drawn from `recipe` (a
     common.augment.Recipe). `hue`: an alternative implementation of adjust_hue (the compiled one),
-    same results. No host synchronisation once the constants are on the device (the first call on a
-    device copies them there): each random choice is a per-image factor or 0 / 1 weight applied to
-    every image, so on a GPU the call only queues work."""
+    same results. Off the CPU no host synchronisation once the constants are on the device (the
+    first call on a device copies them there): each random choice is a per-image factor or 0 / 1
+    weight applied to every image, so on a GPU the call only queues work."""
     n, height, width, _ = images.shape
     dev = images.device
     draws = {}  # per-image tensors (first dimension n); all the random draws first, in this order
     if recipe.jitter_p > 0:
         draws.update(jitter_weights(*jitter_params(n, recipe.jitter, recipe.jitter_p, dev)))
-    boxes = crop_boxes(n, height, width, recipe.crop_scale, device=dev)
-    flip = torch.rand(n, device=dev) < recipe.flip
+    draws["box"] = crop_boxes(n, height, width, recipe.crop_scale, device=dev)
+    draws["flip"] = torch.rand(n, device=dev) < recipe.flip
     if recipe.gray_p > 0:
         draws["gray"] = (torch.rand(n, device=dev) < recipe.gray_p).float().view(-1, 1, 1, 1)
     if recipe.blur_p > 0:
@@ -256,10 +315,21 @@ def augment_batch(images, recipe, hue=None):
         solarized = torch.rand(n, device=dev) < recipe.solarize_p
         draws["solarized"] = solarized.float().view(-1, 1, 1, 1)
     out = torch.empty(n, 3, recipe.size, recipe.size, device=dev)
+    subsets = dev.type == "cpu" and CPU_SUBSETS
+    order = None  # the row of out that each sorted image goes to
+    if subsets and "before" in draws:
+        order = draws["before"].argsort(stable=True)
+        images = images.index_select(0, order)  # (a gather by index_select: 8x faster than [])
+        draws = {k: v.index_select(0, order) for k, v in draws.items()}
     step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2) if dev.type == "cpu" else n
     for i in range(0, n, step):
         rows = slice(i, i + step)
+        d = {k: v[rows] for k, v in draws.items()}
         x = images[rows].permute(0, 3, 1, 2).float()  # (b, 3, H, W) in [0, 255]
-        x = resized_crops(x, boxes[rows], recipe.size, flip[rows]).div_(255)
-        _pixel_ops(x, out[rows], recipe, hue or adjust_hue, {k: v[rows] for k, v in draws.items()})
+        x = resized_crops(x, d["box"], recipe.size, d["flip"]).div_(255)
+        views = _pixel_ops(x, recipe, hue or adjust_hue, d, subsets)
+        if order is None:
+            out[rows] = views
+        else:
+            out.index_copy_(0, order[rows], views)
     return out

@@ -85,7 +85,7 @@ def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, m
     import importlib
     import sys
 
-    from common import log
+    from common import batch_augment, log
     from helpers import HostSyncCounter
     module = importlib.import_module(case.split("-")[0])
     counters, real_iter = [], log.Progress.__iter__
@@ -97,6 +97,7 @@ def test_training_steps_force_no_host_synchronisation(process_group, tmp_path, m
                 yield batch
             counters.append(counter)
     monkeypatch.setattr(log.Progress, "__iter__", counted)
+    monkeypatch.setattr(batch_augment, "CPU_SUBSETS", False)  # the GPU's path of the augmentation
     monkeypatch.setattr(dist, "cleanup", lambda: None)
     monkeypatch.setattr(sys, "argv", [case + ".py", "--dataset", "fake", "--device", "cpu",
                                       "--epochs", "1", "--max_steps_per_epoch", "4", "--batch_size",

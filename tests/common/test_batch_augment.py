@@ -260,11 +260,13 @@ SYNC_FREE_RECIPES = [augment.simclr_recipe(32, 0.5, blur=False), augment.byol_re
 
 @pytest.mark.parametrize("one_chunk", [False, True], ids=["cpu_chunks", "whole_batch"])
 def test_augment_batch_never_synchronises(monkeypatch, one_chunk):
-    """Zero host synchronisations (.item(), .tolist(), nonzero, boolean masks, host-to-device
-    copies) in a call once the constants are on the device, in the CPU's chunks and in the one
+    """The GPU's path (CPU_SUBSETS off; test_the_cpu_path_gives_the_gpu_paths_views_bit_for_bit ties
+    the CPU's to it): zero host synchronisations (.item(), .tolist(), nonzero, boolean masks,
+    host-to-device copies) in a call once the constants are on the device, in chunks and in the one
     whole-batch pass a GPU makes; there the op count (kernel launches on a GPU) stays far below the
     1157-1196 per view of the version with subsets. Recipes: jitter, grayscale, blur, solarize, and
     the shrinking crop."""
+    monkeypatch.setattr(B, "CPU_SUBSETS", False)
     if one_chunk:
         monkeypatch.setattr(B, "CPU_CHUNK_PIXELS", 2 ** 40)
     images = smooth_images(64)
@@ -275,6 +277,32 @@ def test_augment_batch_never_synchronises(monkeypatch, one_chunk):
         assert sync.count == 0, sync.report()
         if one_chunk:
             assert sync.total_ops < 400, sync.ops.most_common(10)
+
+
+EXACT_RECIPES = [augment.simclr_recipe(32, 0.5, blur=False), augment.simclr_recipe(40, 1.0, blur=True),
+                 *augment.byol_recipes(32), augment.mocov2_recipe(28, blur=False),
+                 augment.Recipe(32, jitter=(0.4, 0.4, 0.4, 0.0)), augment.Recipe(32, jitter=(0.0, 0.0, 0.0, 0.1)),
+                 augment.Recipe(32, jitter_p=1.0, gray_p=0.0)]
+
+
+@pytest.mark.parametrize("recipe", EXACT_RECIPES, ids=lambda r: f"{r.size}px-{r.jitter}-p{r.jitter_p}-blur{r.blur_p}")
+def test_the_cpu_path_gives_the_gpu_paths_views_bit_for_bit(monkeypatch, recipe):
+    """On the CPU each step runs only on its images (sorted by the jitter's ops before the hue); the
+    views equal the every-op-on-every-image path's bit for bit, on smooth images and on black and
+    white ones (their crops reach 1 + 1.2e-7, which the GPU path's empty blend passes clamp: seen
+    failing without the CPU path's clamp before pass 0), in chunks and as one batch. Recipes: jitter with and without hue, hue alone, grey, blur,
+    solarize."""
+    for seed, images in enumerate([smooth_images(150, 36), (smooth_images(150, 36, seed=1) > 127).to(torch.uint8) * 255]):
+        views = {}
+        for subsets in (True, False):
+            for chunk in (B.CPU_CHUNK_PIXELS, 2 ** 40):
+                monkeypatch.setattr(B, "CPU_SUBSETS", subsets)
+                monkeypatch.setattr(B, "CPU_CHUNK_PIXELS", chunk)
+                torch.manual_seed(seed)
+                views[subsets, chunk] = B.augment_batch(images, recipe)
+        reference = views.pop((False, 2 ** 40))
+        for key, v in views.items():
+            assert torch.equal(v, reference), (seed, key, (v - reference).abs().max())
 
 
 def test_chunks_and_unused_steps_change_nothing(monkeypatch):
