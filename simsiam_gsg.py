@@ -206,13 +206,17 @@ def ema_update(target, online, m):
 
 # ============================================ training ============================================
 
+def linear_scaled_lr(cfg):
+    return cfg.lr * cfg.batch_size / 256  # the peak lr, by the linear scaling rule (SimSiam Sec. 4)
+
+
 def epoch_lr(cfg, epoch):
-    """SimSiam's adjust_learning_rate: cosine over EPOCHS (constant within an epoch), no warmup by
-    default, from the linear scaling rule's peak (Sec. 4); or that peak throughout."""
-    peak_lr = cfg.lr * cfg.batch_size / 256
+    """SimSiam's adjust_learning_rate: cosine over EPOCHS (constant within an epoch) from the peak,
+    no warmup by default; or the peak throughout."""
     if cfg.lr_schedule == "constant":
-        return peak_lr
-    return schedules.cosine(epoch, cfg.epochs, peak_lr, warmup_steps=cfg.warmup_epochs)
+        return linear_scaled_lr(cfg)
+    return schedules.cosine(epoch, cfg.epochs, linear_scaled_lr(cfg),
+                            warmup_steps=cfg.warmup_epochs)
 
 
 def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, scaler, cfg, ctx,
@@ -305,9 +309,8 @@ def main():
            f"{len(dataset)} images, {steps_per_epoch} steps/epoch")
 
     # ----- optimizer (lr is set every epoch in train_one_epoch) -----
-    peak_lr = cfg.lr * cfg.batch_size / 256  # the same rule as in epoch_lr
-    optimizer = optim.build_optimizer("sgd", param_groups(model, cfg, peak_lr), lr=peak_lr,
-                                      momentum=cfg.momentum)
+    optimizer = optim.build_optimizer("sgd", param_groups(model, cfg, linear_scaled_lr(cfg)),
+                                      lr=linear_scaled_lr(cfg), momentum=cfg.momentum)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
     states = dict(model=model, optimizer=optimizer, scaler=scaler)
     if target is not None:

@@ -1,6 +1,6 @@
 """The claims table's figures, drawn from the run records (scripts/claims.py): the collapse monitor
-of claims 1, 1b and 1c, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib (not
-a requirement of the repository: claims.py skips the figures without it)."""
+of claims 1, 1b and 1c, the per-block accuracy of claim 3, the layers of claim 7. Needs matplotlib
+(not a requirement of the repository: claims.py skips the figures without it)."""
 import os
 import statistics
 
