@@ -373,14 +373,15 @@ def compare(records, comparison):
 # ------------------------------------------- the report -------------------------------------------
 
 def load_records(args, claim):
-    """{arm: {seed: record}} of the requested seeds."""
+    """{arm: {seed: record}} of every seed recorded (not only --seeds: the report shows every run)."""
     out = {}
     for arm in list(CLAIMS[claim]["arms"]) + list(CLAIMS[claim].get("baselines", {})):
-        for seed in args.seeds:
-            rec = read_json(record_path(args, claim, arm, seed))
+        for path in glob.glob(record_path(args, claim, arm, "*")):
+            seed = re.fullmatch(r"seed(\d+)\.json", path.rsplit("_", 1)[-1])
+            rec = read_json(path) if seed else None
             if rec:
-                out.setdefault(arm, {})[seed] = rec
-    return out
+                out.setdefault(arm, {})[int(seed.group(1))] = rec
+    return {arm: dict(sorted(recs.items())) for arm, recs in out.items()}
 
 
 def fmt(x, digits=2):

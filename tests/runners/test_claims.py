@@ -51,6 +51,18 @@ def test_within_run_comparisons_and_missing_seeds():
     assert C.compare(recs, ("x", "linear", "run", "absent", ">", ""))[3] == "not run"
 
 
+def test_the_report_reads_every_recorded_seed_not_only_the_requested_ones(tmp_path):
+    """Seeds added later (`--seeds 3 4`) join the report run without --seeds; files that are not
+    records are ignored."""
+    os.makedirs(tmp_path / "c1")
+    for name in ("stop_grad_seed0", "stop_grad_seed4", "stop_grad_seed12", "random_init_seed1"):
+        json.dump({"metrics": {"knn20": 1.0}}, open(tmp_path / "c1" / f"{name}.json", "w"))
+    open(tmp_path / "c1" / "stop_grad_seed0.json.tmp", "w").write("{}")
+    args = C.parse_args(["--records", str(tmp_path), "--seeds", "0"])[0]
+    assert {arm: list(recs) for arm, recs in C.load_records(args, "1").items()} == {
+        "stop_grad": [0, 4, 12], "random_init": [1]}
+
+
 def test_every_claim_names_its_config_arms_and_metrics():
     for claim, spec in C.CLAIMS.items():
         assert os.path.isfile(C.config_path(spec["config"])), claim
