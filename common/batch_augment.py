@@ -144,6 +144,9 @@ def _jitter_passes():
 
 
 PASSES = _jitter_passes()  # (25, 6)
+# Per order (the 24, then 'not applied'): how many blend ops come before the hue (-1: not jittered);
+# the CPU path sorts the images by it.
+BEFORE_HUE = tuple(o.index(3) for o in ORDERS) + (-1,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,10 +177,7 @@ def jitter_weights(order, factors):
     f = torch.cat([factors[:, :3], torch.ones_like(factors[:, :1])], dim=1).gather(1, ops)  # (n, 6)
     blend = torch.stack([f, (ops == 2) * (1.0 - f), (ops == 1) * (1.0 - f)], dim=2)  # (n, 6, 3)
     hue_on = (order < len(ORDERS)).to(factors.dtype).view(-1, 1, 1, 1)
-    # the CPU path's sort key: -1 without jitter, else the number of blend ops before the hue
-    before = (ops[:, :3] < 3).sum(1) - (order == len(ORDERS)).long()
-    return dict(blend=blend.view(*blend.shape, 1, 1, 1), hue_on=hue_on, shift=factors[:, 3],
-                before=before)
+    return dict(blend=blend.view(*blend.shape, 1, 1, 1), hue_on=hue_on, shift=factors[:, 3])
 
 
 def color_jitter(x, strengths, weights, hue=adjust_hue, spans=None):
@@ -287,9 +287,9 @@ def _spans(before):
 # 2**14-2**18 at 32 and 96 px (bench.py --augment). A GPU takes the whole batch at once.
 CPU_CHUNK_PIXELS = 2 ** 17
 # On the CPU nothing waits for the host, so there augment_batch spends no work on the images a step
-# leaves alone: it sorts the images by their jitter's draws["before"], so that each jitter pass has
-# its images in one slice, and greys, blurs and solarizes only the images drawn for it. Same views
-# bit for bit (tests); False runs the GPU's path on the CPU (the sync-counting tests do).
+# leaves alone: it sorts the images by BEFORE_HUE of their jitter order, so that each jitter pass
+# has its images in one slice, and greys, blurs and solarizes only the images drawn for it. Same
+# views bit for bit (tests); False runs the GPU's path on the CPU (the sync-counting tests do).
 CPU_SUBSETS = True
 
 
@@ -302,8 +302,12 @@ def augment_batch(images, recipe, hue=None):
     n, height, width, _ = images.shape
     dev = images.device
     draws = {}  # per-image tensors (first dimension n); all the random draws first, in this order
+    subsets = dev.type == "cpu" and CPU_SUBSETS
     if recipe.jitter_p > 0:
-        draws.update(jitter_weights(*jitter_params(n, recipe.jitter, recipe.jitter_p, dev)))
+        order, factors = jitter_params(n, recipe.jitter, recipe.jitter_p, dev)
+        draws.update(jitter_weights(order, factors))
+        if subsets:
+            draws["before"] = _constant(BEFORE_HUE, dev, torch.long)[order]
     draws["box"] = crop_boxes(n, height, width, recipe.crop_scale, device=dev)
     draws["flip"] = torch.rand(n, device=dev) < recipe.flip
     if recipe.gray_p > 0:
@@ -315,12 +319,11 @@ def augment_batch(images, recipe, hue=None):
         solarized = torch.rand(n, device=dev) < recipe.solarize_p
         draws["solarized"] = solarized.float().view(-1, 1, 1, 1)
     out = torch.empty(n, 3, recipe.size, recipe.size, device=dev)
-    subsets = dev.type == "cpu" and CPU_SUBSETS
-    order = None  # the row of out that each sorted image goes to
-    if subsets and "before" in draws:
-        order = draws["before"].argsort(stable=True)
-        images = images.index_select(0, order)  # (a gather by index_select: 8x faster than [])
-        draws = {k: v.index_select(0, order) for k, v in draws.items()}
+    perm = None  # the CPU path: the row of out that each sorted image goes to
+    if "before" in draws:
+        perm = draws["before"].argsort(stable=True)
+        images = images.index_select(0, perm)  # (a gather by index_select: 8x faster than [])
+        draws = {k: v.index_select(0, perm) for k, v in draws.items()}
     step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2) if dev.type == "cpu" else n
     for i in range(0, n, step):
         rows = slice(i, i + step)
@@ -328,8 +331,8 @@ def augment_batch(images, recipe, hue=None):
         x = images[rows].permute(0, 3, 1, 2).float()  # (b, 3, H, W) in [0, 255]
         x = resized_crops(x, d["box"], recipe.size, d["flip"]).div_(255)
         views = _pixel_ops(x, recipe, hue or adjust_hue, d, subsets)
-        if order is None:
+        if perm is None:
             out[rows] = views
         else:
-            out.index_copy_(0, order[rows], views)
+            out.index_copy_(0, perm[rows], views)
     return out
