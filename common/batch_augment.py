@@ -106,25 +106,33 @@ def adjust_hue(x, shift):
     arithmetic only: torch.where, boolean masks and remainder are several times slower than min /
     max / floor on the CPU."""
     r, g, b = x.unbind(1)
-    v = torch.maximum(torch.maximum(r, g), b)
-    c = v - torch.minimum(torch.minimum(r, g), b)  # chroma; grey (c = 0) gets hue 0, as torchvision
+    # (Each plane-sized temporary is reused once its value is spent (out=, in place): on the CPU a
+    # fresh one costs about as much as the arithmetic.)
+    v = torch.maximum(r, g)
+    torch.maximum(v, b, out=v)
+    c = torch.minimum(r, g)
+    torch.minimum(c, b, out=c)
+    torch.sub(v, c, out=c)  # chroma; grey (c = 0) gets hue 0, as torchvision
     # Which channel holds the maximum (r first, then g, as torchvision), as 0/1 floats: sign(v - r)
     # is 0 where r is the maximum, else 1; b holds it where neither r nor g does.
-    not_r = torch.sign(v - r)
-    is_b = torch.sign(v - g).mul_(not_r)
-    is_g = not_r - is_b
+    not_r = torch.sub(v, r).sign_()
+    is_b = torch.sub(v, g).sign_().mul_(not_r)
+    is_g = torch.sub(not_r, is_b)
     # Hue in sextants: (g - b) / c if r is the maximum, 2 + (b - r) / c if g, 4 + (r - g) / c if b;
-    # shift; mod 6. (In place: each pass over the planes costs as much as the arithmetic here.)
-    h = (g - b).mul_(1.0 - not_r).add_((b - r).mul_(is_g)).add_((r - g).mul_(is_b))
+    # shift; mod 6.
+    h = torch.sub(g, b).mul_(not_r.neg_().add_(1.0))  # (not_r is now is_r)
+    tmp = torch.sub(b, r).mul_(is_g)
+    h.add_(tmp).add_(torch.sub(r, g, out=tmp).mul_(is_b))
     offset = is_g.mul_(2.0).add_(is_b, alpha=4.0).add_(6.0 * shift.view(-1, 1, 1))  # 2 if g, 4 if b
-    h.div_(c.clamp(min=1e-30)).add_(offset)
-    h.sub_(torch.floor(h * (1 / 6)).mul_(6.0))
+    h.div_(torch.clamp(c, min=1e-30, out=tmp)).add_(offset)
+    h.sub_(torch.mul(h, 1 / 6, out=tmp).floor_().mul_(6.0))
     # HSV -> RGB with v * s = c: the channel whose hue centre (r 0, g 2, b 4) lies at circular
     # distance d from h is v - c * clamp(d - 1, 0, 1): v within one sextant of its centre, v - c
     # beyond two sextants.
     t = (h.unsqueeze(1) - torch.arange(0.0, 6.0, 2.0, device=x.device).view(1, 3, 1, 1)).abs_()
-    d = torch.minimum(t, 6.0 - t).clamp_(1.0, 2.0)
-    return d.mul_(-c.unsqueeze(1)).add_((v + c).unsqueeze(1))
+    d = torch.minimum(t, torch.rsub(t, 6.0), out=t).clamp_(1.0, 2.0)
+    v.add_(c)  # v + c
+    return d.mul_(c.neg_().unsqueeze(1)).add_(v.unsqueeze(1))
 
 
 # The 24 orders of (brightness 0, contrast 1, saturation 2, hue 3); jitter_params draws an index.
@@ -209,7 +217,7 @@ def color_jitter(x, strengths, weights, hue=adjust_hue, spans=None):
             f, w_sat, w_con = weights["blend"][a:b, k].unbind(1)  # each (n, 1, 1, 1)
             grey = _grayscale(xs)  # (n, 1, H, W)
             mean = grey.mean(dim=(2, 3), keepdim=True)
-            other = (grey * w_sat).add_(mean.mul_(w_con))  # (1 - f) x grey image, grey mean or 0
+            other = grey.mul_(w_sat).add_(mean.mul_(w_con))  # (1 - f) x grey image, grey mean or 0
             torch.addcmul(other, xs, f, out=xs).clamp_(0, 1)
     return x
 
@@ -281,10 +289,10 @@ def _spans(before):
     return [(s[3], n), (s[2], n), (s[1], n), (s[0], s[3]), (s[0], s[2]), (s[0], s[1]), (s[0], n)]
 
 
-# On the CPU, augment_batch makes the views in chunks of images of about this many pixels per
-# channel: the ops' temporaries then stay in the CPU's caches and no batch-sized temporary is
-# allocated (glibc returns those to the OS and page-faults them back). 2**17 was the fastest of
-# 2**14-2**18 at 32 and 96 px (bench.py --augment). A GPU takes the whole batch at once.
+# On the CPU, augment_batch runs the steps after the crop (jitter to normalisation) in chunks of
+# images of about this many pixels per channel, in place: the ops' temporaries then stay in the
+# CPU's caches. 2**17 was the fastest of 2**15-2**18 at 32 and 96 px (bench.py --augment). A GPU
+# takes the whole batch at once.
 CPU_CHUNK_PIXELS = 2 ** 17
 # On the CPU nothing waits for the host, so there augment_batch spends no work on the images a step
 # leaves alone: it sorts the images by BEFORE_HUE of their jitter order, so that each jitter pass
@@ -318,21 +326,19 @@ def augment_batch(images, recipe, hue=None):
     if recipe.solarize_p > 0:
         solarized = torch.rand(n, device=dev) < recipe.solarize_p
         draws["solarized"] = solarized.float().view(-1, 1, 1, 1)
-    out = torch.empty(n, 3, recipe.size, recipe.size, device=dev)
-    perm = None  # the CPU path: the row of out that each sorted image goes to
+    perm = None  # the CPU path: the sorted order of the images
     if "before" in draws:
         perm = draws["before"].argsort(stable=True)
         images = images.index_select(0, perm)  # (a gather by index_select: 8x faster than [])
         draws = {k: v.index_select(0, perm) for k, v in draws.items()}
-    step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2) if dev.type == "cpu" else n
+    x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+    x = resized_crops(x, draws["box"], recipe.size, draws["flip"]).div_(255)
+    hue = hue or adjust_hue
+    if dev.type != "cpu":
+        return _pixel_ops(x, recipe, hue, draws, subsets=False)
+    step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2)
     for i in range(0, n, step):
         rows = slice(i, i + step)
-        d = {k: v[rows] for k, v in draws.items()}
-        x = images[rows].permute(0, 3, 1, 2).float()  # (b, 3, H, W) in [0, 255]
-        x = resized_crops(x, d["box"], recipe.size, d["flip"]).div_(255)
-        views = _pixel_ops(x, recipe, hue or adjust_hue, d, subsets)
-        if perm is None:
-            out[rows] = views
-        else:
-            out.index_copy_(0, perm[rows], views)
-    return out
+        # (the CPU path works in place, the GPU's path returns new views)
+        x[rows] = _pixel_ops(x[rows], recipe, hue, {k: v[rows] for k, v in draws.items()}, subsets)
+    return x if perm is None else x.index_select(0, perm.argsort())  # back to the images' order
