@@ -1,18 +1,22 @@
 """scripts/claims.py (`run_table.py claims`): the verdict logic on constructed records (each verdict), and
 the runner end to end on tiny Fashion-MNIST idx files: 2 seeds, a few steps, records, the report, and a
 second call that finds everything done (resume); its runs in this process (helpers.InProcess) and, slow, each in
-its own interpreter as in real use."""
+its own interpreter as in real use. Also claim 1's diagnostic, scripts/collapse_probe.py."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import simsiam_gsg
+from common import checkpoint, config, log
 from helpers import ROOT, InProcess, env, write_fashion
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import claims as C  # noqa: E402  (scripts/claims.py)
+import collapse_probe as P  # noqa: E402  (scripts/collapse_probe.py: claim 1's diagnostic)
 import run_table as R  # noqa: E402  (scripts/run_table.py)
 import runs  # noqa: E402  (scripts/runs.py: the runners' launches)
 
@@ -165,3 +169,30 @@ def test_budget_plans_the_tables_commands_and_scales_one_epoch(tmp_path):
     assert kinds == {"", "--dataset fashion_mnist --arch resnet8"}  # claim 1's trained arms share one; 6 has none
     assert B.full_run(one_epoch=12.0, epochs=25, startup=7.0) == 7.0 + 25 * 5.0
     assert C.timed is runs.timed  # planning leaves the runner's own launch in place
+
+
+def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path):
+    """scripts/collapse_probe.py (claim 1's diagnostic): z = s u (one direction, s = +-1 per image)
+    keeps out_std near its healthy 1/sqrt(D) but has top-1 share 1 and effective rank 1; isotropic z
+    spreads over nearly all of its D directions; a simsiam_gsg checkpoint goes through the probe, another
+    script's is refused by name."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1024, 64
+    one_direction = (torch.randint(0, 2, (n, 1), generator=g) * 2.0 - 1) * torch.randn(1, d, generator=g)
+    top1, rank = P.spectrum(one_direction)
+    assert top1 > 0.999 and rank < 1.01
+    assert log.output_std(one_direction) > 0.5 / d ** 0.5  # the paper's monitor does not see this collapse
+    top1, rank = P.spectrum(torch.randn(n, d, generator=g))
+    assert top1 < 0.05 and rank > 0.8 * d
+
+    cfg = config.parse(simsiam_gsg.Config, ["--dataset", "fake", "--arch", "resnet8", "--proj_hidden_dim",
+                                            "32", "--proj_dim", "16", "--pred_hidden_dim", "8"])
+    path = str(tmp_path / "last.pt")
+    checkpoint.save(path, 1, 7, config.to_dict(cfg), model=simsiam_gsg.build_model(cfg, 32))
+    row = P.probe(path, batches=2, batch_size=32)
+    assert (row["step"], row["dim"]) == (7, 16)
+    assert 0 < row["out_std"] < 1 and row["pre_bn_var"] > 0 and 1 <= row["effective_rank"] <= 16
+    other = str(tmp_path / "simclr.pt")  # another script's checkpoint: named, not a load_state_dict traceback
+    checkpoint.save(other, 1, 7, {"arch": "resnet8"}, model=torch.nn.Linear(2, 2))
+    with pytest.raises(config.ConfigError, match="not a simsiam_gsg.py checkpoint"):
+        P.probe(other)
