@@ -11,7 +11,9 @@ training mode, as the loss sees them):
 - top1_share and effective_rank: the share of the variance of z/|z| along its first principal
   direction, and exp of the entropy of its normalised singular values (Roy & Vetterli, 2007):
   how many directions z still spreads over. A collapse to one direction (z = s u, s = +-1 per image)
-  keeps unit variance per channel and out_std near 1/sqrt(D), but not these.
+  keeps unit variance per channel and out_std near 1/sqrt(D), but not these;
+- h_top1_share and h_effective_rank: the same for the backbone's features h, which k-NN and the
+  linear probe read.
 
     python scripts/collapse_probe.py OUT/c1c/no_stop_grad/seed0/last.pt ... [--json FILE]
 
@@ -59,21 +61,24 @@ def probe(path, data_dir=None, batches=4, batch_size=256, seed=0):
     model.load_state_dict(blob["model"])
     model.train()  # BatchNorm on the batch's statistics, as in training (nothing is updated)
     recipe = simsiam_gsg.view_recipes(cfg, size)[0]
-    pre, zs = [], []
+    pre, hs, zs = [], [], []
     hook = model.projector[-2].register_forward_hook(lambda m, i, o: pre.append(o))
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     with torch.no_grad():
         for _ in range(batches):
             rows = torch.randint(0, len(dataset), (batch_size,), generator=g)
-            zs.append(model.encode(augment.augment_batch(dataset.images[rows], recipe)))
+            hs.append(model.backbone(augment.augment_batch(dataset.images[rows], recipe)))
+            zs.append(model.projector(hs[-1]))
     hook.remove()
     z = torch.cat(zs)
     top1, erank = spectrum(z)
+    h_top1, h_erank = spectrum(torch.cat(hs))
     return dict(checkpoint=path, step=blob.get("step"),
                 out_std=sum(log.output_std(zb).item() for zb in zs) / len(zs),
                 pre_bn_var=torch.stack([p.var(0, unbiased=False) for p in pre]).median().item(),
-                top1_share=top1, effective_rank=erank, dim=z.shape[1])
+                top1_share=top1, effective_rank=erank, dim=z.shape[1],
+                h_top1_share=h_top1, h_effective_rank=h_erank, h_dim=hs[0].shape[1])
 
 
 def main(argv=None):
@@ -93,7 +98,9 @@ def main(argv=None):
         rows.append(r)
         print(f"{path}: step {r['step']}, out_std {r['out_std']:.4f}, pre-BN variance "
               f"{r['pre_bn_var']:.3g} (BN eps 1e-5), top-1 share {r['top1_share']:.3f}, "
-              f"effective rank {r['effective_rank']:.1f} of {r['dim']}", flush=True)
+              f"effective rank {r['effective_rank']:.1f} of {r['dim']}; backbone: top-1 share "
+              f"{r['h_top1_share']:.3f}, effective rank {r['h_effective_rank']:.1f} of {r['h_dim']}",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -192,6 +192,7 @@ def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path
     row = P.probe(path, batches=2, batch_size=32)
     assert (row["step"], row["dim"]) == (7, 16)
     assert 0 < row["out_std"] < 1 and row["pre_bn_var"] > 0 and 1 <= row["effective_rank"] <= 16
+    assert row["h_dim"] == 64 and 1 <= row["h_effective_rank"] <= 64  # resnet8's features
     other = str(tmp_path / "simclr.pt")  # another script's checkpoint: named, not a load_state_dict traceback
     checkpoint.save(other, 1, 7, {"arch": "resnet8"}, model=torch.nn.Linear(2, 2))
     with pytest.raises(config.ConfigError, match="not a simsiam_gsg.py checkpoint"):
