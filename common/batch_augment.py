@@ -333,12 +333,11 @@ def augment_batch(images, recipe, hue=None):
         draws = {k: v.index_select(0, perm) for k, v in draws.items()}
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
     x = resized_crops(x, draws["box"], recipe.size, draws["flip"]).div_(255)
-    hue = hue or adjust_hue
-    if dev.type != "cpu":
-        return _pixel_ops(x, recipe, hue, draws, subsets=False)
-    step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2)
+    # The steps after the crop: on the CPU chunk by chunk, in place; a GPU takes the whole batch at
+    # once. (The GPU's path returns new views, copied back into x; the tests run it on the CPU.)
+    step = max(1, CPU_CHUNK_PIXELS // recipe.size ** 2) if dev.type == "cpu" else n
     for i in range(0, n, step):
         rows = slice(i, i + step)
-        # (the CPU path works in place, the GPU's path returns new views)
-        x[rows] = _pixel_ops(x[rows], recipe, hue, {k: v[rows] for k, v in draws.items()}, subsets)
+        d = {k: v[rows] for k, v in draws.items()}
+        x[rows] = _pixel_ops(x[rows], recipe, hue or adjust_hue, d, subsets)
     return x if perm is None else x.index_select(0, perm.argsort())  # back to the images' order
