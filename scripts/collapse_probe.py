@@ -10,10 +10,11 @@ training mode, as the loss sees them):
   variance, so z can become one constant vector only when this falls below its eps (1e-5);
 - top1_share and effective_rank: the share of the variance of z/|z| along its first principal
   direction, and exp of the entropy of its normalised singular values (Roy & Vetterli, 2007):
-  how many directions z still spreads over. A collapse to one direction (z = s u, s = +-1 per image)
-  keeps unit variance per channel and out_std near 1/sqrt(D), but not these;
-- h_top1_share and h_effective_rank: the same for the backbone's features h, which k-NN and the
-  linear probe read.
+  how many directions z still spreads over. A collapse to one direction (z = s u, a number s per
+  image) keeps unit variance in every channel, and out_std at 1/sqrt(D) when s is above its batch
+  mean for half the images, but not these;
+- h_top1_share and h_effective_rank: the same for h/|h|, the backbone's features, which k-NN and
+  the linear probe read.
 
     python scripts/collapse_probe.py OUT/c1c/no_stop_grad/seed0/last.pt ... [--json FILE]
 
@@ -37,7 +38,7 @@ from common.config import ConfigError  # noqa: E402
 
 
 def spectrum(z):
-    """(top-1 share, effective rank) of the centred z/|z| (n, D)."""
+    """(top-1 share of the variance, effective rank) of z/|z| (n, D), centred."""
     zn = F.normalize(z, dim=1)
     s = torch.linalg.svdvals(zn - zn.mean(0))
     var = s ** 2 / (s ** 2).sum()
@@ -88,7 +89,6 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=4, help="batches of 256 views")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     rows = []
     for path in args.checkpoints:
         try:
