@@ -209,7 +209,7 @@ def bench_augment(args):
         return n_pil / (time.perf_counter() - t0)
 
     def time_batched(subsets=True):
-        batch_augment.CPU_SUBSETS = subsets
+        keep, batch_augment.CPU_SUBSETS = batch_augment.CPU_SUBSETS, subsets
         try:
             sync()
             t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def bench_augment(args):
             sync()
             return calls * len(images) / (time.perf_counter() - t0)
         finally:
-            batch_augment.CPU_SUBSETS = True
+            batch_augment.CPU_SUBSETS = keep
 
     paths = {"torchvision (PIL)": time_pil, f"batched on {device.type}": time_batched}
     if device.type == "cpu":

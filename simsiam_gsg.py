@@ -309,8 +309,9 @@ def main():
            f"{len(dataset)} images, {steps_per_epoch} steps/epoch")
 
     # ----- optimizer (lr is set every epoch in train_one_epoch) -----
-    optimizer = optim.build_optimizer("sgd", param_groups(model, cfg, linear_scaled_lr(cfg)),
-                                      lr=linear_scaled_lr(cfg), momentum=cfg.momentum)
+    peak_lr = linear_scaled_lr(cfg)
+    optimizer = optim.build_optimizer("sgd", param_groups(model, cfg, peak_lr), lr=peak_lr,
+                                      momentum=cfg.momentum)
     scaler = optim.grad_scaler(cfg.amp, ctx.device)
     states = dict(model=model, optimizer=optimizer, scaler=scaler)
     if target is not None:

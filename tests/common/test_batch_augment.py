@@ -285,14 +285,16 @@ EXACT_RECIPES = [augment.simclr_recipe(32, 0.5, blur=False), augment.simclr_reci
                  augment.Recipe(32, jitter_p=1.0, gray_p=0.0)]
 
 
-@pytest.mark.parametrize("recipe", EXACT_RECIPES, ids=lambda r: f"{r.size}px-{r.jitter}-p{r.jitter_p}-blur{r.blur_p}")
+@pytest.mark.parametrize("recipe", EXACT_RECIPES,
+                         ids=lambda r: f"{r.size}px-{r.jitter}-p{r.jitter_p}-blur{r.blur_p}")
 def test_the_cpu_path_gives_the_gpu_paths_views_bit_for_bit(monkeypatch, recipe):
     """On the CPU each step runs only on its images (sorted by the jitter's ops before the hue); the
     views equal the every-op-on-every-image path's bit for bit, on smooth images and on black and
     white ones (their crops reach 1 + 1.2e-7, which the GPU path's empty blend passes clamp: seen
-    failing without the CPU path's clamp before pass 0), in chunks and as one batch. Recipes: jitter with and without hue, hue alone, grey, blur,
-    solarize."""
-    for seed, images in enumerate([smooth_images(150, 36), (smooth_images(150, 36, seed=1) > 127).to(torch.uint8) * 255]):
+    failing without the CPU path's clamp before pass 0), in chunks and as one batch. Recipes: jitter
+    with and without hue, hue alone, grey, blur, solarize."""
+    black_and_white = (smooth_images(150, 36, seed=1) > 127).to(torch.uint8) * 255
+    for seed, images in enumerate([smooth_images(150, 36), black_and_white]):
         views = {}
         for subsets in (True, False):
             for chunk in (B.CPU_CHUNK_PIXELS, 2 ** 40):
