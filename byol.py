@@ -204,7 +204,7 @@ def train_one_epoch(model_ddp, views, model, target, loader, optimizer, scaler, 
         step += 1
     meter.check()
     return step, {"loss": meter.global_avg(), "lr": lr, "tau": tau,
-                  "out_std": out_std.global_avg(), **progress.stats()}
+                  "out_std": out_std.global_avg(), **log.output_spectrum(z1), **progress.stats()}
 
 
 def main():

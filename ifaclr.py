@@ -190,7 +190,8 @@ def train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch
         step += 1
     meter.check()
     return step, {"loss": meter.global_avg(), "lr": lr, "out_std": out_std.global_avg(),
-                  "layer_cos": layer_cos.global_avg(), **progress.stats()}
+                  "layer_cos": layer_cos.global_avg(), **log.output_spectrum(z[:, -1]),
+                  **progress.stats()}
 
 
 def main():

@@ -218,7 +218,7 @@ def train_one_epoch(model_ddp, views, model, momentum_encoder, loader, optimizer
         step += 1
     meter.check()
     return step, {"loss": meter.global_avg(), "lr": lr, "momentum": m,
-                  "out_std": out_std.global_avg(), **progress.stats()}
+                  "out_std": out_std.global_avg(), **log.output_spectrum(k1), **progress.stats()}
 
 
 def main():

@@ -285,7 +285,7 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
         step += 1
     meters["loss"].check()
     row = {name: m.global_avg() for name, m in meters.items()}
-    return step, {**row, "lr": lr, "tau": tau, **progress.stats()}
+    return step, {**row, **log.output_spectrum(z[0]), "lr": lr, "tau": tau, **progress.stats()}
 
 
 def main():

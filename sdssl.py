@@ -376,7 +376,7 @@ def train_one_epoch(model_ddp, views, model, teacher, loader, optimizer, scaler,
         step += 1
     meters["loss"].check()
     row = {name: meter.global_avg() for name, meter in meters.items() if meter.count}
-    row.update(lr=lr, alpha=alpha)
+    row.update(log.output_spectrum(final), lr=lr, alpha=alpha)
     if teacher is not None:
         row["momentum"] = momentum
     return step, {**row, **progress.stats()}

@@ -169,7 +169,7 @@ def train_one_epoch(model_ddp, views, loader, optimizer, scaler, cfg, ctx, epoch
         step += 1
     meter.check()
     return step, {"loss": meter.global_avg(), "lr": lr, "out_std": out_std.global_avg(),
-                  **progress.stats()}
+                  **log.output_spectrum(z), **progress.stats()}
 
 
 def main():

@@ -258,7 +258,7 @@ def train_one_epoch(model_ddp, view_maker, model, target, loader, optimizer, sca
         step += 1
     meter.check()
     return step, {"loss": meter.global_avg(), "lr": lr, "out_std": out_std.global_avg(),
-                  **progress.stats()}
+                  **log.output_spectrum(z[0]), **progress.stats()}
 
 
 def param_groups(model, cfg, peak_lr):

@@ -10,7 +10,8 @@ training mode, as the loss sees them):
   variance, so z can become one constant vector only when this falls below its eps (1e-5);
 - top1_share and effective_rank: the share of the variance of z/|z| along its first principal
   direction, and exp of the entropy of its normalised singular values (Roy & Vetterli, 2007):
-  how many directions z still spreads over. A collapse to one direction (z = s u, a number s per
+  how many directions z still spreads over (common.log.output_spectrum, which every SSL script
+  logs per epoch as out_top1 and out_rank). A collapse to one direction (z = s u, a number s per
   image) keeps unit variance in every channel, and out_std at 1/sqrt(D) when s is above its batch
   mean for half the images, but not these;
 - h_top1_share and h_effective_rank: the same for h/|h|, the backbone's features, which k-NN and
@@ -27,7 +28,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,15 +35,6 @@ sys.path.insert(0, ROOT)
 import simsiam_gsg  # noqa: E402
 from common import augment, checkpoint, data, log  # noqa: E402
 from common.config import ConfigError  # noqa: E402
-
-
-def spectrum(z):
-    """(top-1 share of the variance, effective rank) of z/|z| (n, D), centred."""
-    zn = F.normalize(z, dim=1)
-    s = torch.linalg.svdvals(zn - zn.mean(0))
-    var = s ** 2 / (s ** 2).sum()
-    p = s / s.sum()
-    return var[0].item(), torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()
 
 
 def probe(path, data_dir=None, batches=4, batch_size=256, seed=0):
@@ -72,14 +63,14 @@ def probe(path, data_dir=None, batches=4, batch_size=256, seed=0):
             hs.append(model.backbone(augment.augment_batch(dataset.images[rows], recipe)))
             zs.append(model.projector(hs[-1]))
     hook.remove()
-    z = torch.cat(zs)
-    top1, erank = spectrum(z)
-    h_top1, h_erank = spectrum(torch.cat(hs))
+    z, h = torch.cat(zs), torch.cat(hs)
+    z_spectrum, h_spectrum = log.output_spectrum(z), log.output_spectrum(h)
     return dict(checkpoint=path, step=blob.get("step"),
                 out_std=sum(log.output_std(zb).item() for zb in zs) / len(zs),
                 pre_bn_var=torch.stack([p.var(0, unbiased=False) for p in pre]).median().item(),
-                top1_share=top1, effective_rank=erank, dim=z.shape[1],
-                h_top1_share=h_top1, h_effective_rank=h_erank, h_dim=hs[0].shape[1])
+                top1_share=z_spectrum["out_top1"], effective_rank=z_spectrum["out_rank"],
+                dim=z.shape[1], h_top1_share=h_spectrum["out_top1"],
+                h_effective_rank=h_spectrum["out_rank"], h_dim=h.shape[1])
 
 
 def main(argv=None):

@@ -315,9 +315,12 @@ def test_ema_momentum_follows_the_schedule(wired):
         "simsiam_gsg": lambda: [cfg.ema_momentum] * 4,  # gsg/builder.py: constant, before forward
     }.get(name, lambda: [])()
     assert wired.emas == close(expected)
-    # the collapse monitor (common.log.output_std) in every epoch's row: in (0 collapsed, 1]
+    # the collapse monitors in every epoch's row: common.log.output_std in (0 collapsed, 1], and
+    # output_spectrum's top-1 share in (0, 1] and effective rank in [1, the batch of 8 images]
     if name != "ifacd_distill":
-        assert all(0 < row["out_std"] <= 1 for row in read_log(wired.out))
+        for row in read_log(wired.out):
+            assert 0 < row["out_std"] <= 1 and 0 < row["out_top1"] <= 1, row
+            assert 1 <= row["out_rank"] <= 2 * 8, row  # SimCLR's z holds both views
 
 
 # ----- what each script passes into its loss -----

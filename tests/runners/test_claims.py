@@ -179,11 +179,12 @@ def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path
     g = torch.Generator().manual_seed(0)
     n, d = 1024, 64
     one_direction = (torch.randint(0, 2, (n, 1), generator=g) * 2.0 - 1) * torch.randn(1, d, generator=g)
-    top1, rank = P.spectrum(one_direction)
-    assert top1 > 0.999 and rank < 1.01
+    spectrum = log.output_spectrum(one_direction)
+    assert spectrum["out_top1"] > 0.999 and spectrum["out_rank"] < 1.01
     assert log.output_std(one_direction) > 0.5 / d ** 0.5  # the paper's monitor does not see this collapse
-    top1, rank = P.spectrum(torch.randn(n, d, generator=g))
-    assert top1 < 0.05 and rank > 0.8 * d
+    spectrum = log.output_spectrum(torch.randn(n, d, generator=g))
+    assert spectrum["out_top1"] < 0.05 and spectrum["out_rank"] > 0.8 * d
+    assert log.output_spectrum(torch.ones(n, d)) == {"out_top1": 1.0, "out_rank": 1.0}  # one point
 
     cfg = config.parse(simsiam_gsg.Config, ["--dataset", "fake", "--arch", "resnet8", "--proj_hidden_dim",
                                             "32", "--proj_dim", "16", "--pred_hidden_dim", "8"])
