@@ -6,8 +6,8 @@ the loss, the k-NN monitor's top-1 and the collapse monitor per epoch.
                                                              # log.jsonl
 
 Panels side by side: `loss`, `knn_top1` (written every `eval_every` epochs; runs without it are left
-out of that panel) and, when a log has it, `out_std` (common.log.output_std: 1/sqrt(D) healthy,
-0 collapsed), against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch).
+out of that panel) and, when a log has them, `out_std` (common.log.output_std: 1/sqrt(D) healthy,
+0 collapsed) and `out_top1` (common.log.output_spectrum: 1 when the outputs lie along one direction), against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch).
 Each run is labelled by its directory's name, or by as many trailing path parts as it takes to tell
 the runs apart (out/simclr/seed0 and out/byol/seed0 become simclr/seed0 and byol/seed0).
 
@@ -54,14 +54,20 @@ def run_labels(paths):
     return labels  # the same directory given twice: equal labels are all one can say
 
 
+# the optional panels, each drawn when a log has its key: (key, y label, title)
+MONITORS = [("out_std", "std of the L2-normalised output", "collapse monitor (out_std)"),
+            ("out_top1", "variance share of the first direction", "one-direction collapse (out_top1)")]
+
+
 def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)", title=""):
     """runs: {label: [log.jsonl rows]}. Writes a PNG with the loss, `knn_top1` and, if logged,
-    `out_std` against row[x]."""
+    `out_std` and `out_top1` against row[x]."""
     plt = pyplot()
-    std = any("out_std" in r for rows in runs.values() for r in rows)
-    fig, axes = plt.subplots(1, 3 if std else 2, figsize=(15 if std else 10, 3.8))
+    monitors = [m for m in MONITORS if any(m[0] in r for rows in runs.values() for r in rows)]
+    fig, axes = plt.subplots(1, 2 + len(monitors), figsize=(5 * (2 + len(monitors)), 3.8))
     ax_loss, ax_knn = axes[:2]
-    panels = [(ax_loss, "loss"), (ax_knn, "knn_top1")] + ([(axes[2], "out_std")] if std else [])
+    panels = [(ax_loss, "loss"), (ax_knn, "knn_top1")] + [
+        (ax, key) for ax, (key, _, _) in zip(axes[2:], monitors)]
     for label, rows in runs.items():
         for ax, key in panels:
             points = [(r[x], r[key]) for r in rows if key in r]
@@ -72,9 +78,8 @@ def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)
                     transform=ax_knn.transAxes)
     ax_loss.set(xlabel=xlabel, ylabel="training loss", title="loss")
     ax_knn.set(xlabel=xlabel, ylabel=knn_label, title="k-NN monitor")
-    if std:
-        axes[2].set(xlabel=xlabel, ylabel="std of the L2-normalised output",
-                    title="collapse monitor (out_std)")
+    for ax, (_, ylabel, panel_title) in zip(axes[2:], monitors):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=panel_title)
     for ax in axes:
         ax.grid(alpha=0.3)
         if x == "epoch":  # whole epochs only, no 0.5 ticks

@@ -42,6 +42,21 @@ def test_two_runs_make_one_png(two_logs, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "c.png") > 1000
 
 
+def png_width(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(24)[16:20], "big")  # the IHDR chunk's width
+
+
+def test_collapse_monitors_get_a_panel_each_when_logged(two_logs, tmp_path):
+    """out_std and out_top1 (the SSL scripts' collapse monitors) add one 5-inch panel each at 120 dpi."""
+    pytest.importorskip("matplotlib")
+    plot.main([*two_logs, "-o", str(tmp_path / "two.png")])
+    monitored = write_log(str(tmp_path / "run_m"), [{"epoch": 0, "step": 1, "loss": 1.0, "out_std": 0.04,
+                                                     "out_top1": 0.3, "out_rank": 100.0}])
+    plot.main([two_logs[0], monitored, "-o", str(tmp_path / "four.png")])
+    assert (png_width(tmp_path / "two.png"), png_width(tmp_path / "four.png")) == (1200, 2400)
+
+
 def test_labels_use_as_much_of_the_path_as_it_takes(tmp_path):
     assert plot.run_labels(["out/a/log.jsonl", "out/b/log.jsonl"]) == ["a", "b"]
     assert plot.run_labels(["o/simclr/seed0/log.jsonl", "o/byol/seed0/log.jsonl"]) == ["simclr/seed0", "byol/seed0"]
