@@ -607,7 +607,8 @@ def test_kdsvd_wiring_and_analytic():
     g = t.stages[1:]
     assert L.kdsvd_loss(g, g).item() < 1e-20
     assert L.kdsvd_loss([-2 * f for f in g], g).item() < 1e-20
-    assert L.kdsvd_loss(s.stages[1:], g).item() > 1e-3
+    # an unrelated student costs something (5e-4 with torch 2.4's seeded init, 1.2e-2 with 2.11-2.14's)
+    assert L.kdsvd_loss(s.stages[1:], g).item() > 1e-5
 
 
 def test_kdsvd_gradient_stays_finite_with_dead_channels():
