@@ -66,18 +66,22 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
 
 
-def _download(name, root, present):
-    """Rank 0 fetches the archive with torchvision (which checks its md5) while the other ranks
-    wait; `present` says whether the files are there already."""
-    if tdist.get_rank() == 0 and not present():
+def _download(name, root, present, folder):
+    """Rank 0 (or the only process: no process group is needed) fetches the archive with
+    torchvision, which checks its md5, while the other ranks wait; `present` says whether the files
+    are there already, `folder` (under root) is where they land."""
+    if (not tdist.is_initialized() or tdist.get_rank() == 0) and not present():
         cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "stl10": D.STL10,
                "fashion_mnist": D.FashionMNIST, "mnist": D.MNIST}[name]
         try:
             cls(root, download=True)
         except Exception as e:  # no network, disk full, ...: one clear line instead of a traceback
+            source = getattr(cls, "url", None) or cls.mirrors[0]
             raise ConfigError(f"downloading {name} into {root} failed ({type(e).__name__}: {e}); "
-                              f"download it by hand into {os.path.join(root, folder)}") from None
-    tdist.barrier()
+                              f"fetch it by hand from {source} and unpack it so that "
+                              f"{os.path.join(root, folder)} holds its files") from None
+    if tdist.is_initialized():
+        tdist.barrier()
 
 
 def _read_cifar(path, files, label_key):
@@ -98,7 +102,7 @@ def _small_set(name, root, split, transform, download):
               "stl10": "stl10_binary"}[name]
     path = os.path.join(root, folder)
     if download:
-        _download(name, root, lambda: os.path.isdir(path))
+        _download(name, root, lambda: os.path.isdir(path), folder)
     try:
         if name == "cifar10":
             files = [f"data_batch_{i}" for i in range(1, 6)] if split != "val" else ["test_batch"]
@@ -149,7 +153,8 @@ def _idx_set(name, root, split, transform, download):
     test set), grey replicated to RGB: uint8 (N, 28, 28, 3)."""
     files = IDX_FILES["val" if split == "val" else "train"]
     if download:
-        _download(name, root, lambda: all(_idx_path(root, name, f) for f in files))
+        _download(name, root, lambda: all(_idx_path(root, name, f) for f in files),
+                  os.path.join(IDX_FOLDER[name], "raw"))
     paths = [_idx_path(root, name, f) for f in files]
     if None in paths:
         hint = (" (or: apt-get install dataset-fashion-mnist, then --data_dir "

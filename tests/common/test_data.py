@@ -33,6 +33,29 @@ def test_missing_dataset_says_where_and_how(process_group, tmp_path):
         data.build_dataset("emnist", str(tmp_path), "train", None)
 
 
+def test_a_failed_download_says_where_to_fetch_and_put_the_files(tmp_path, monkeypatch):
+    """--download true with no network (the README's quick start on an offline machine): one
+    ConfigError naming the source and the folder the files go in, with or without a process group
+    (no process group here: a notebook's build_dataset)."""
+    import urllib.error
+
+    def offline(cls):
+        class Offline(cls):  # keeps torchvision's url / mirrors
+            def __init__(self, *args, **kwargs):
+                raise urllib.error.URLError("no network")
+        return Offline
+    monkeypatch.setattr(data.D, "CIFAR10", offline(data.D.CIFAR10))
+    monkeypatch.setattr(data.D, "FashionMNIST", offline(data.D.FashionMNIST))
+    root = str(tmp_path)
+    with pytest.raises(ConfigError, match=rf"downloading cifar10 into {root} failed \(URLError: .*no network.*\); "
+                                          rf"fetch it by hand from https://www.cs.toronto.edu/\S+-python.tar.gz and "
+                                          rf"unpack it so that {root}/cifar-10-batches-py holds its files"):
+        data.build_dataset("cifar10", root, "pretrain", None, download=True)
+    with pytest.raises(ConfigError, match=rf"fetch it by hand from http\S+ and unpack it so that "
+                                          rf"{root}/FashionMNIST/raw holds"):
+        data.build_dataset("fashion_mnist", root, "train", None, download=True)
+
+
 def test_class_list_subset(image_folder, tmp_path):
     (tmp_path / "classes.txt").write_text("c3\nc1\n")
     ds = data.build_dataset("imagefolder", image_folder, "train", None, class_list=str(tmp_path / "classes.txt"))
