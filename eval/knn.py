@@ -174,8 +174,8 @@ class KNNMonitor:
                       for split in ("train", "val"))
         self.num_classes = data.num_classes(train)
         if 0 < bank_size < len(train):
-            train = torch.utils.data.Subset(train,
-                                            range(0, len(train), -(-len(train) // bank_size)))
+            train = torch.utils.data.Subset(train, [i * len(train) // bank_size
+                                                    for i in range(bank_size)])
         self.ctx = ctx
         self.train = data.eval_loader(train, batch_size, ctx, num_workers)
         self.val = data.eval_loader(val, batch_size, ctx, num_workers)

@@ -128,6 +128,24 @@ def test_heads_layout_and_layers():
     assert h.shape == q.shape == qp.shape == (2, 4, 32)
 
 
+def test_resnet_variant_pools_each_stage():
+    """Sec. 4.6's ResNet variant: the intermediate layers are stages 1-3 (--isd_every 1), each average-pooled to its
+    width, and the last layer's features are the backbone's own output."""
+    cfg = config.parse(sdssl.Config, ["--arch", "resnet18", "--image_size", "32", "--isd_every", "1",
+                                      "--proj_hidden_dim", "64", "--isd_hidden_dim", "32", "--pred_hidden_dim", "64",
+                                      "--proj_dim", "32"])
+    resnet = models.build_model("resnet18", image_size=32)
+    layers = sdssl.isd_layers(cfg, sdssl.backbone_depth(cfg, resnet))
+    model = sdssl.SDSSL(cfg, resnet, layers).eval()
+    assert layers == [1, 2, 3]
+    x = torch.randn(2, 3, 32, 32)
+    features = model.layer_features(x)
+    assert [f.shape for f in features] == [(2, 64), (2, 128), (2, 256), (2, 512)]
+    torch.testing.assert_close(features[-1], resnet(x), rtol=0, atol=0)
+    h, q, qp = model([x])[0]
+    assert h.shape == q.shape == qp.shape == (4, 2, 32)  # 3 intermediate heads and the last, per image
+
+
 def test_alpha_schedule_endpoints():
     assert schedules.ramp_up(0, 100, 1.0) == 0.0 and schedules.ramp_up(100, 100, 1.0) == pytest.approx(1.0)
     assert schedules.ramp_up(50, 100, 0.8) == pytest.approx(0.4)

@@ -63,3 +63,36 @@ def test_exported_cifar_resnet18_loads_into_torchvision(script, tmp_path):
     tv.conv1, tv.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     missing, unexpected = tv.load_state_dict(exported, strict=False)
     assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
+
+
+def test_each_unusable_checkpoint_gets_its_own_message(tmp_path):
+    """What the eval tools and a resume say about a file they cannot use: missing, foreign, written by another script,
+    holding no such network, no backbone or projector, or a backbone of another architecture."""
+    from common.models import build_model
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(config.ConfigError, match="checkpoint .*nope.pt does not exist"):
+        checkpoint.load(missing)
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"state_dict": {}}, foreign)  # another repository's checkpoint
+    with pytest.raises(config.ConfigError, match="foreign.pt is not a format-1 checkpoint of this repository"):
+        checkpoint.load(foreign)
+    import simclr
+    path = str(tmp_path / "last.pt")
+    run = config.parse(simclr.Config, ["--arch", "resnet18", "--image_size", "32", "--dataset", "fake",
+                                       "--output_dir", str(tmp_path)])
+    cfg = config.to_dict(run)
+    checkpoint.save(path, 1, 5, cfg, model=nn.Module())  # no backbone.* weights, no projector.*
+    with pytest.raises(config.ConfigError, match="has no 'teacher' state; it was written by another script"):
+        checkpoint.resume(run, teacher=nn.Linear(2, 2))
+    blob = checkpoint.load(path)
+    with pytest.raises(config.ConfigError, match=r"has no 'teacher' weights \(it holds \['model'\]\)"):
+        checkpoint.backbone_state(blob, "teacher")
+    with pytest.raises(config.ConfigError, match="'model' has no backbone.\\* weights"):
+        checkpoint.backbone_state(blob)
+    with pytest.raises(config.ConfigError, match="'model' has no projector.\\* weights"):
+        checkpoint.load_projector(path)
+    model = nn.Module()
+    model.backbone = build_model("resnet8")  # a CIFAR-zoo net saved, resnet18 claimed by the config
+    checkpoint.save(path, 1, 5, cfg, model=model)
+    with pytest.raises(config.ConfigError, match="the backbone weights in .*last.pt do not fit resnet18: "):
+        checkpoint.load_backbone(path)

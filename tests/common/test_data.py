@@ -33,6 +33,50 @@ def test_missing_dataset_says_where_and_how(process_group, tmp_path):
         data.build_dataset("emnist", str(tmp_path), "train", None)
 
 
+def test_stl10_binaries_are_read_upright_with_the_unlabeled_set_for_pretraining(tmp_path, monkeypatch):
+    """STL-10's binary files (MSBReg's configs) store each channel column-major: written here so that pixel (row r,
+    column c) of the red channel is r, they must come out (N, 96, 96, 3) with that pixel at [r, c, 0]; 'pretrain'
+    adds the unlabeled images (label -1, no class of their own), 'val' is the test set. torchvision's md5 check is
+    skipped: these files are made up."""
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    rows = torch.arange(96, dtype=torch.uint8)[:, None].expand(96, 96)  # red = the row index
+    image = torch.stack([rows, rows.T, torch.full((96, 96), 7, dtype=torch.uint8)])  # (3, H, W): green = column
+    column_major = image.transpose(1, 2).contiguous()  # each channel's columns one after another
+
+    def write(name, n, labels=None):
+        (folder / f"{name}_X.bin").write_bytes(column_major.expand(n, -1, -1, -1).numpy().tobytes())
+        if labels is not None:
+            (folder / f"{name}_y.bin").write_bytes(bytes(labels))  # 1-based on disk
+    write("train", 2, [1, 3])
+    write("test", 1, [2])
+    write("unlabeled", 3)
+    monkeypatch.setattr(data.D.STL10, "_check_integrity", lambda self: True)
+    pretrain = data.build_dataset("stl10", str(tmp_path), "pretrain", None)
+    assert pretrain.images.shape == (5, 96, 96, 3) and pretrain.labels.tolist() == [0, 2, -1, -1, -1]
+    assert pretrain.classes == [0, 2]
+    expected = image.permute(1, 2, 0)
+    assert all(torch.equal(img, expected) for img in pretrain.images)  # [r, c] = (r, c, 7): upright
+    train, val = (data.build_dataset("stl10", str(tmp_path), split, None) for split in ("train", "val"))
+    assert len(train) == 2 and val.labels.tolist() == [1]
+
+
+def test_balanced_subset_keeps_the_first_images_of_each_class():
+    """ifacd_distill.py --train_subset (claim 6's 5,000 images): n / C images per class, the first ones in file
+    order whatever the seed, and clear errors for an n that does not divide or a class that is too small."""
+    labels = torch.tensor([2, 0, 0, 1, 2, 1, 0, 2, 1, 1])
+    ds = data.ArrayDataset(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3), labels)
+    subset = data.balanced_subset(ds, 6)
+    assert subset.labels.tolist() == [2, 0, 0, 1, 2, 1] and subset.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert subset.classes == ds.classes == [0, 1, 2]
+    with pytest.raises(ConfigError, match="positive multiple of the 3 classes"):
+        data.balanced_subset(ds, 4)
+    with pytest.raises(ConfigError, match="some class has fewer than 4"):
+        data.balanced_subset(ds, 12)
+    with pytest.raises(ConfigError, match="needs an in-memory dataset"):
+        data.balanced_subset(torch.utils.data.TensorDataset(labels), 3)
+
+
 def test_a_failed_download_says_where_to_fetch_and_put_the_files(tmp_path, monkeypatch):
     """--download true with no network (the README's quick start on an offline machine): one
     ConfigError naming the source and the folder the files go in, with or without a process group

@@ -61,6 +61,15 @@ def test_knn_monitor_and_linear_probe_on_image_folder(process_group, image_folde
     monitor = KNNMonitor("imagefolder", image_folder, 32, ctx, batch_size=16, num_workers=0)
     per_layer = monitor.evaluate(vit, ks=(1, 5), layers=[1, 2])
     assert len(per_layer) == 2 and all(0 <= a <= 100 for r in per_layer for acc in r.values() for a in acc)
+    # --knn_bank: that many training images, evenly spaced, as the neighbours (eval_loader: Subset(Indexed(...)))
+    n = len(monitor.train.dataset)
+    assert n % 4 == 0 and n % 3
+    for size, every in ((n // 4, 4), (n // 3, None)):  # the configs' 10,000 of 60,000 divides like n // 4
+        bank = KNNMonitor("imagefolder", image_folder, 32, ctx, batch_size=16, num_workers=0, bank_size=size)
+        kept = list(bank.train.dataset.dataset.dataset.indices)
+        assert len(kept) == size and kept[0] == 0 and kept == sorted(set(kept)) and kept[-1] < n
+        assert every is None or kept == list(range(0, n, every))
+    assert bank.num_classes == monitor.num_classes
     cfg = linear.Config(mode="fast", epochs=30, batch_size=16, num_workers=0, lr=0.5)
     top1 = linear.linear_eval(vit, "imagefolder", image_folder, 32, ctx, cfg, layers=[1, 2])
     assert len(top1) == 2 and max(t[0] for t in top1) >= 50  # 4 classes with distinct mean colours (chance: 25%)
