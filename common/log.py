@@ -62,12 +62,13 @@ def output_std(z):
 
 def output_spectrum(z):
     """The second collapse monitor, logged once per epoch on the epoch's last batch (this rank's):
-    `out_top1`, the share of the variance of z/|z| (centred over the batch) along its first principal
-    direction, and `out_rank`, its effective rank (exp of the entropy of the normalised singular
-    values, Roy & Vetterli 2007): how many directions the outputs still spread over. A collapse to
-    one direction (z = s u, a number s per image) can keep out_std near healthy, when s changes sign
-    over the batch (docs/claims.md, claim 1), but takes out_top1 to 1 and out_rank to 1. z: (n, D).
-    One SVD and a host sync: once per epoch, not per step. Every z the same vector: (1, 1)."""
+    `out_top1`, the share of the variance of z/|z| (centred over the batch) along its first
+    principal direction, and `out_rank`, its effective rank (exp of the entropy of the normalised
+    singular values, Roy & Vetterli 2007): how many directions the outputs still spread over. A
+    collapse to one direction (z = s u, a number s per image) can keep out_std near healthy, when s
+    changes sign over the batch (docs/claims.md, claim 1), but takes out_top1 and out_rank to 1.
+    z: (n, D). One SVD and a host sync: once per epoch, not per step. Every z the same vector:
+    (1, 1)."""
     zn = F.normalize(z.detach().float(), dim=-1)
     s = torch.linalg.svdvals(zn - zn.mean(0))
     if not s.sum() > 0:

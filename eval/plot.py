@@ -7,7 +7,8 @@ the loss, the k-NN monitor's top-1 and the collapse monitor per epoch.
 
 Panels side by side: `loss`, `knn_top1` (written every `eval_every` epochs; runs without it are left
 out of that panel) and, when a log has them, `out_std` (common.log.output_std: 1/sqrt(D) healthy,
-0 collapsed) and `out_top1` (common.log.output_spectrum: 1 when the outputs lie along one direction), against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch).
+0 collapsed) and `out_top1` (common.log.output_spectrum: 1 when the outputs lie along one
+direction), against `epoch` as log.jsonl numbers it (0 = the row written after the first epoch).
 Each run is labelled by its directory's name, or by as many trailing path parts as it takes to tell
 the runs apart (out/simclr/seed0 and out/byol/seed0 become simclr/seed0 and byol/seed0).
 
@@ -56,7 +57,8 @@ def run_labels(paths):
 
 # the optional panels, each drawn when a log has its key: (key, y label, title)
 MONITORS = [("out_std", "std of the L2-normalised output", "collapse monitor (out_std)"),
-            ("out_top1", "variance share of the first direction", "one-direction collapse (out_top1)")]
+            ("out_top1", "variance share of the first direction",
+             "one-direction collapse (out_top1)")]
 
 
 def plot_curves(runs, path, x="epoch", xlabel="epoch", knn_label="k-NN top-1 (%)", title=""):

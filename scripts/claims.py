@@ -373,7 +373,8 @@ def compare(records, comparison):
 # ------------------------------------------- the report -------------------------------------------
 
 def load_records(args, claim):
-    """{arm: {seed: record}} of every seed recorded (not only --seeds: the report shows every run)."""
+    """{arm: {seed: record}} of every seed recorded (not only --seeds: the report shows every
+    run)."""
     out = {}
     for arm in list(CLAIMS[claim]["arms"]) + list(CLAIMS[claim].get("baselines", {})):
         for path in glob.glob(record_path(args, claim, arm, "*")):

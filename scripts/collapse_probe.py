@@ -39,9 +39,10 @@ from common.config import ConfigError  # noqa: E402
 
 def probe(path, data_dir=None, batches=4, batch_size=256, seed=0):
     blob = checkpoint.load(path)
-    if "base" not in blob["config"] or not any(k.startswith("predictor.") for k in blob["model"]):
-        raise ConfigError(f"{path} is not a simsiam_gsg.py checkpoint: collapse_probe reads SimSiam "
-                          f"(and BYOL / GSG) runs")
+    model_keys = blob.get("model", {})
+    if "base" not in blob["config"] or not any(k.startswith("predictor.") for k in model_keys):
+        raise ConfigError(f"{path} is not a simsiam_gsg.py checkpoint: collapse_probe reads "
+                          f"SimSiam (and BYOL / GSG) runs")
     known = simsiam_gsg.Config.__dataclass_fields__
     cfg = simsiam_gsg.Config(**{k: v for k, v in blob["config"].items() if k in known})
     dataset = data.build_dataset(cfg.dataset, data_dir or cfg.data_dir, "pretrain", None)
@@ -90,8 +91,8 @@ def main(argv=None):
         print(f"{path}: step {r['step']}, out_std {r['out_std']:.4f}, pre-BN variance "
               f"{r['pre_bn_var']:.3g} (BN eps 1e-5), top-1 share {r['top1_share']:.3f}, "
               f"effective rank {r['effective_rank']:.1f} of {r['dim']}; backbone: top-1 share "
-              f"{r['h_top1_share']:.3f}, effective rank {r['h_effective_rank']:.1f} of {r['h_dim']}",
-              flush=True)
+              f"{r['h_top1_share']:.3f}, effective rank {r['h_effective_rank']:.1f} of "
+              f"{r['h_dim']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

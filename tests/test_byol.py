@@ -11,8 +11,8 @@ import torch.nn as nn
 import byol
 from byol import byol_loss
 from common import config, schedules
-from helpers import (assert_ema_update_mixes, assert_one_step_updates_the_frozen_teacher, assert_same_tensors, copy_epoch_1, launch,
-                     load_ckpt, read_log, run_script, tiny_args)
+from helpers import (assert_ema_update_mixes, assert_one_step_updates_the_frozen_teacher, assert_same_tensors,
+                     copy_epoch_1, launch, load_ckpt, read_log, run_script, tiny_args)
 
 
 # ----- the loss against a naive loop (float64) -----

@@ -819,12 +819,12 @@ class OneForwardTeacher(torch.nn.Module):
 @pytest.mark.sweep
 @pytest.mark.parametrize("pair", REPDISTILLER_PAIRS)
 def test_every_method_trains_one_step_on_every_pair(process_group, pair, feature_shapes_once):
-    """train_one_epoch, one step at batch 3 (RKD's angles need 3): on the slides' six pairs every --distill method (kd, crd, ifacd and the
-    baselines), on RepDistiller's seven others each README cell, each from its README config where there is one.
-    Each builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's paraphraser, FSP's shape
-    check): no shape error, finite losses (the init stage's too), a positive method term, and a gradient for every
-    parameter of the student and the heads (what DDP needs without find_unused_parameters). FSP and KDSVD refuse
-    wrn_40_2 -> wrn_40_1 (32 vs 64 channels: the README's 0.00)."""
+    """train_one_epoch, one step at batch 3 (RKD's angles need 3): on the slides' six pairs every --distill method
+    (kd, crd, ifacd and the baselines), on RepDistiller's seven others each README cell, each from its README config
+    where there is one. Each builds its heads and loss state (FitNet's regressor rule, AB's connectors, FT's
+    paraphraser, FSP's shape check): no shape error, finite losses (the init stage's too), a positive method term,
+    and a gradient for every parameter of the student and the heads (what DDP needs without
+    find_unused_parameters). FSP and KDSVD refuse wrn_40_2 -> wrn_40_1 (32 vs 64 channels: the README's 0.00)."""
     t_name, s_name = pair.split("-")
     torch.manual_seed(0)
     teacher = OneForwardTeacher(build_cifar_model(t_name, 10)).requires_grad_(False).eval()

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import mocov3
 from common import config, dist, schedules
-from helpers import (assert_ema_update_mixes, assert_one_step_updates_the_frozen_teacher, assert_same_tensors, copy_epoch_1, launch,
-                     load_ckpt, read_log, run_script, tiny_args)
+from helpers import (assert_ema_update_mixes, assert_one_step_updates_the_frozen_teacher, assert_same_tensors,
+                     copy_epoch_1, launch, load_ckpt, read_log, run_script, tiny_args)
 from mocov3 import mocov3_loss
 
 N, D_IN, D_OUT = 6, 5, 4  # 2-rank test: per-rank batch 3
