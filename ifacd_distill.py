@@ -218,7 +218,8 @@ def load_teacher(path, name, num_classes, device, channels_last=False):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"teacher checkpoint {path} is unreadable ({type(e).__name__})") from None
+        raise ConfigError(f"teacher checkpoint {path} is unreadable ({type(e).__name__}): it is "
+                          f"truncated, corrupt or not a PyTorch checkpoint") from None
     if isinstance(blob, dict) and "format" in blob:  # ours: the student part of `model`
         trained = blob.get("config", {}).get("student")
         if trained != name:

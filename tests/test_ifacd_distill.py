@@ -308,6 +308,8 @@ def test_ifacd_two_ranks_resume_is_bit_exact(run, cifar_root, teacher_ckpt, gloo
     (["--student", "resnet19"], "student='resnet19' is not one of"),
     (["--distill", "kd"], "--distill kd needs --teacher_ckpt"),
     (["--distill", "kd", "--teacher_ckpt", "MISSING"], "does not exist"),
+    (["--distill", "kd", "--teacher_ckpt", "JUNK"], "is unreadable (UnpicklingError): it is truncated, corrupt or not "
+                                                    "a PyTorch checkpoint"),
     (["--distill", "kd", "--teacher", "resnet8", "--teacher_ckpt", "TEACHER"],
      "holds a resnet14, not --teacher resnet8"),
     (["--distill", "kd", "--teacher", "resnet20", "--teacher_ckpt", "BARE"], "does not fit resnet20"),
@@ -325,7 +327,9 @@ def test_bad_input_is_one_clear_line(process_group, cifar_root, teacher_ckpt, tm
                                      extra, message):
     bare = str(tmp_path / "bare.pt")
     torch.save(build_cifar_model("resnet8").state_dict(), bare)
-    paths = {"TEACHER": teacher_ckpt, "BARE": bare, "MISSING": str(tmp_path / "nope.pt")}
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    paths = {"TEACHER": teacher_ckpt, "BARE": bare, "MISSING": str(tmp_path / "nope.pt"), "JUNK": str(junk)}
     argv = run_args(cifar_root, str(tmp_path / "out"), "--student", "resnet8", *[paths.get(a, a) for a in extra])
     monkeypatch.setattr(sys, "argv", ["ifacd_distill.py"] + argv)
     with pytest.raises(SystemExit) as exit_:
