@@ -52,3 +52,28 @@ def test_the_augmentation_benchmark_times_pil_and_both_batched_paths(monkeypatch
     assert all(float(r.split("img/s")[0].split()[-1]) > 0 for r in rows[1:])
     assert all(r.rstrip().endswith("x)") for r in rows[2:])
     assert batch_augment.CPU_SUBSETS
+
+
+@pytest.mark.e2e
+def test_compare_and_data_off_run_in_process(monkeypatch, capsys):
+    """--compare times the script's flags and the same + the compared ones in alternating runs and prints both
+    medians and their ratio; --data off repeats the loader's first batch (the step alone). Tiny: resnet8, batch 8."""
+    import sys
+    from common import data, optim
+    monkeypatch.setattr(sys, "argv", sys.argv)  # bench sets the script's
+    monkeypatch.setattr(data, "FAKE_SIZES", dict(data.FAKE_SIZES))
+    monkeypatch.setattr(data, "train_loader", data.train_loader)  # --data off replaces these two: restored after
+    monkeypatch.setattr(optim, "build_optimizer", optim.build_optimizer)
+    tiny = ["--script", "simclr", "--arch", "resnet8", "--batch_size", "8", "--steps", "2", "--image_size", "16"]
+    _, args, rest = bench.parse_args(tiny + ["--repeat", "2", "--compare=--amp none"])
+    bench.bench_compare(args, rest)
+    out = capsys.readouterr().out
+    assert "step time, median of 2 alternating runs of 2 steps" in out
+    base, compare = (float(out.split(f"  {name} ")[1].split("ms")[0]) for name in ("base    ", "compare "))
+    assert base > 0 and compare > 0 and "[--amp none]" in out
+    ratio = float(out.split("ratio compare / base: ")[1].split()[0])
+    assert ratio == pytest.approx(compare / base, rel=0.02)  # the medians are printed to 0.1 ms
+    _, args, rest = bench.parse_args(tiny + ["--data", "off"])
+    bench.bench_training(args, rest)
+    out = capsys.readouterr().out
+    assert " img/s (" in out and "data wait" in out and "optimizer" in out
