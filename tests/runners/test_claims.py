@@ -171,7 +171,7 @@ def test_budget_plans_the_tables_commands_and_scales_one_epoch(tmp_path):
     assert C.timed is runs.timed  # planning leaves the runner's own launch in place
 
 
-def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path):
+def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path, capsys):
     """scripts/collapse_probe.py (claim 1's diagnostic): z = s u (one direction, s = +-1 per image)
     keeps out_std near its healthy 1/sqrt(D) but has top-1 share 1 and effective rank 1; isotropic z
     spreads over nearly all of its D directions; a simsiam_gsg checkpoint goes through the probe, another
@@ -194,6 +194,11 @@ def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path
     assert (row["step"], row["dim"]) == (7, 16)
     assert 0 < row["out_std"] < 1 and row["pre_bn_var"] > 0 and 1 <= row["effective_rank"] <= 16
     assert row["h_dim"] == 64 and 1 <= row["h_effective_rank"] <= 64  # resnet8's features
+    out = tmp_path / "probe.json"  # the command line: one line per checkpoint, the rows as JSON
+    P.main([path, "--batches", "1", "--json", str(out)])
+    (written,) = json.loads(out.read_text())
+    assert written["checkpoint"] == path and written["step"] == 7 and written["dim"] == 16
+    assert f"{path}: step 7, out_std " in capsys.readouterr().out
     other = str(tmp_path / "simclr.pt")  # another script's checkpoint: named, not a load_state_dict traceback
     checkpoint.save(other, 1, 7, {"arch": "resnet8"}, model=torch.nn.Linear(2, 2))
     with pytest.raises(config.ConfigError, match="not a simsiam_gsg.py checkpoint"):
