@@ -59,8 +59,9 @@ def test_compare_and_data_off_run_in_process(monkeypatch, capsys):
     """--compare times the script's flags and the same + the compared ones in alternating runs and prints both
     medians and their ratio; --data off repeats the loader's first batch (the step alone). Tiny: resnet8, batch 8."""
     import sys
-    from common import data, optim
+    from common import data, dist, optim
     monkeypatch.setattr(sys, "argv", sys.argv)  # bench sets the script's
+    monkeypatch.setattr(dist, "cleanup", lambda: None)  # the test session's process group stays for later tests
     monkeypatch.setattr(data, "FAKE_SIZES", dict(data.FAKE_SIZES))
     monkeypatch.setattr(data, "train_loader", data.train_loader)  # --data off replaces these two: restored after
     monkeypatch.setattr(optim, "build_optimizer", optim.build_optimizer)
