@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 
 import simsiam_gsg  # noqa: E402
 from common import augment, checkpoint, data, log  # noqa: E402
-from common.config import ConfigError  # noqa: E402
+from common.config import ConfigError, run  # noqa: E402
 
 
 def probe(path, data_dir=None, batches=4, batch_size=256, seed=0):
@@ -83,10 +83,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = []
     for path in args.checkpoints:
-        try:
-            r = probe(path, args.data_dir, args.batches)
-        except ConfigError as e:
-            sys.exit(f"collapse_probe.py: {e}")
+        r = probe(path, args.data_dir, args.batches)
         rows.append(r)
         print(f"{path}: step {r['step']}, out_std {r['out_std']:.4f}, pre-BN variance "
               f"{r['pre_bn_var']:.3g} (BN eps 1e-5), top-1 share {r['top1_share']:.3f}, "
@@ -99,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

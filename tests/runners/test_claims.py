@@ -12,7 +12,7 @@ import torch
 
 import simsiam_gsg
 from common import checkpoint, config, log
-from helpers import ROOT, InProcess, env, write_fashion
+from helpers import ROOT, InProcess, env, run_python, write_fashion
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import claims as C  # noqa: E402  (scripts/claims.py)
@@ -203,3 +203,14 @@ def test_collapse_probe_tells_a_collapse_to_one_direction_from_a_spread(tmp_path
     checkpoint.save(other, 1, 7, {"arch": "resnet8"}, model=torch.nn.Linear(2, 2))
     with pytest.raises(config.ConfigError, match="not a simsiam_gsg.py checkpoint"):
         P.probe(other)
+
+
+@pytest.mark.e2e
+def test_collapse_probe_command_line_error_is_one_line(tmp_path):
+    """`python scripts/collapse_probe.py` on another script's checkpoint: one line, exit status 2, as every tool
+    (README: an unreadable checkpoint stops with one line and exit status 2)."""
+    other = str(tmp_path / "simclr.pt")
+    checkpoint.save(other, 1, 7, {"arch": "resnet8"}, model=torch.nn.Linear(2, 2))
+    out = run_python(os.path.join(ROOT, "scripts", "collapse_probe.py"), other)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: {other} is not a simsiam_gsg.py checkpoint")
