@@ -10,8 +10,9 @@ def long_lines(pattern, limit):
     for path in sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True)):
         with open(path) as f:
             for n, line in enumerate(f, 1):
-                if len(line.rstrip("\n")) > limit:
-                    yield f"{os.path.relpath(path, ROOT)}:{n} ({len(line.rstrip())} characters)"
+                length = len(line.rstrip("\n"))
+                if length > limit:
+                    yield f"{os.path.relpath(path, ROOT)}:{n} ({length} characters)"
 
 
 def test_lines_fit_a_reader_s_screen():
